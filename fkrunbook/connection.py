@@ -1,0 +1,150 @@
+"""Resolve the target database from the environment and connect to it.
+
+The target is never a notebook parameter, because papermill writes every
+parameter into the executed notebook. It comes from ``DATABASE_URL`` or
+from libpq's own variables (``PGHOST``, ``PGSERVICE``, ...), the service
+file and ``.pgpass``. With none of them set, the runbook starts a throwaway
+embedded PostgreSQL loaded with the incident-state fixture (demo mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from .errors import ParameterError, TargetError
+
+logger = logging.getLogger(__name__)
+
+# libpq variables that select a server or database; any of them set means
+# the user chose a target. PGPASSWORD alone selects nothing.
+TARGET_VARIABLES = (
+    "PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE",
+    "PGSERVICEFILE",
+)
+
+# Set by the chain for the notebooks it runs on its own demo server.
+DEMO_URL_VARIABLE = "FKRUNBOOK_DEMO_URL"
+
+APPLICATION_NAME = "fkrunbook"
+
+_URL_WITH_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]*://[^/@\s:]*:[^@\s]+@", re.I)
+_KEYWORD_PASSWORD = re.compile(r"\bpassword\s*=", re.I)
+
+
+@dataclass
+class Target:
+    """Where the runbook connects; ``conninfo`` may contain a password."""
+
+    conninfo: str = field(repr=False)
+    is_demo: bool
+    source: str
+    server: Any = field(default=None, repr=False)
+
+
+def resolve_target(demo_stage: str = "incident") -> Target:
+    """Return the target chosen by the environment, or start a demo server.
+
+    ``demo_stage`` is the state a demo database starts in when this call
+    creates one: ``"incident"`` or ``"option1"``/``"option2"`` (fix applied).
+    """
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        return Target(url, is_demo=False, source="DATABASE_URL")
+
+    chosen = [name for name in TARGET_VARIABLES if os.environ.get(name)]
+    if chosen:
+        return Target("", is_demo=False, source=", ".join(chosen))
+
+    demo_url = os.environ.get(DEMO_URL_VARIABLE, "").strip()
+    if demo_url:
+        return Target(demo_url, is_demo=True, source="chain demo server")
+
+    from . import demo
+
+    server, conninfo = demo.start_demo_database(stage=demo_stage)
+    return Target(conninfo, is_demo=True, source="embedded demo server",
+                  server=server)
+
+
+def connect(target: Target, *, autocommit: bool = True,
+            connect_timeout: int = 10) -> psycopg.Connection:
+    """Open a connection to ``target``; errors never show the password."""
+    try:
+        conn = psycopg.connect(
+            target.conninfo,
+            autocommit=autocommit,
+            connect_timeout=connect_timeout,
+            application_name=APPLICATION_NAME,
+        )
+    except psycopg.OperationalError as exc:
+        detail = scrub_secret(str(exc).strip(), target.conninfo)
+        raise TargetError(
+            f"Could not connect to {describe_conninfo(target.conninfo)} "
+            f"(target from {target.source}): {detail}. Check the host, port, "
+            f"database and user, and that the password is in PGPASSWORD, "
+            f".pgpass or the service file."
+        ) from None
+    logger.debug("connected to %s", describe_conninfo(target.conninfo))
+    return conn
+
+
+def describe_conninfo(conninfo: str) -> str:
+    """Return ``user@host:port/dbname`` for a conninfo, without the password."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "the configured target (connection string not parseable)"
+    host = params.get("host") or os.environ.get("PGHOST") or "local socket"
+    port = params.get("port") or os.environ.get("PGPORT") or "5432"
+    dbname = params.get("dbname") or os.environ.get("PGDATABASE") or "(default)"
+    user = params.get("user") or os.environ.get("PGUSER") or "(default)"
+    return f"{user}@{host}:{port}/{dbname}"
+
+
+def describe_target(conn: psycopg.Connection) -> dict:
+    """Return host, port, database, user and server version of ``conn``."""
+    info = conn.info
+    major, rest = divmod(info.server_version, 10000)
+    return {
+        "host": info.host,
+        "port": info.port,
+        "database": info.dbname,
+        "user": info.user,
+        "server_version": f"{major}.{rest}",
+    }
+
+
+def scrub_secret(text: str, conninfo: str) -> str:
+    """Replace the password of ``conninfo``, if any, in ``text``."""
+    password = os.environ.get("PGPASSWORD")
+    try:
+        password = conninfo_to_dict(conninfo).get("password") or password
+    except psycopg.ProgrammingError:
+        pass
+    if password:
+        text = text.replace(password, "********")
+    return text
+
+
+def reject_secret_parameter(name: str, value: Any) -> None:
+    """Raise if a parameter value looks like a connection string with a password.
+
+    The message never repeats the value, since it contains the password.
+    """
+    if not isinstance(value, str):
+        return
+    if _URL_WITH_PASSWORD.search(value) or _KEYWORD_PASSWORD.search(value):
+        raise ParameterError(
+            f"Parameter {name!r} looks like a connection string with a "
+            f"password; its value is not shown. Remove it from the "
+            f"parameters and set DATABASE_URL or PGPASSWORD in the "
+            f"environment instead, so the password never reaches the "
+            f"executed notebook."
+        )

@@ -1,0 +1,474 @@
+"""Plan and apply Option 1 or Option 2, two-phase and safe to re-run.
+
+A plan is the difference between the state each ``invoice_id`` column is in
+and the state the chosen option wants, so an applied migration plans no
+step and a half-applied one plans only what is left.
+
+Option 1, per table: drop the old FK and add the new one NOT VALID in one
+short transaction (the only step that takes strong locks), remap old rows
+in batches when asked, then VALIDATE CONSTRAINT in a transaction of its own
+under SHARE UPDATE EXCLUSIVE, which lets inserts go on during the scan.
+Option 2, per table: DROP NOT NULL, then drop the FK, in one short
+transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import psycopg
+from psycopg import sql
+
+from . import catalog, inspection, locks
+from .catalog import Table
+from .errors import ParameterError, PreflightError
+from .paths import read_sql
+
+logger = logging.getLogger(__name__)
+
+ON_DELETE_ACTIONS = {
+    "CASCADE": "c", "RESTRICT": "r", "NO ACTION": "a", "SET NULL": "n",
+}
+DEFAULT_TABLES = ("collection_attempts", "payment_promises")
+
+
+@dataclass
+class MigrationOptions:
+    """What to change and how carefully; see the migrate notebook's parameters."""
+
+    option: int = 1
+    tables: tuple = DEFAULT_TABLES
+    column: str = "invoice_id"
+    schema: str = "public"
+    on_delete: str = "CASCADE"
+    remap_invoice_rows: bool = False
+    batch_size: int = 5_000
+    locks: locks.LockSettings = field(default_factory=locks.LockSettings)
+
+
+@dataclass
+class ForeignKey:
+    """A foreign key as read from pg_constraint."""
+
+    name: str
+    referenced_table: str
+    definition: str
+    validated: bool
+    on_delete: str
+
+
+@dataclass
+class ColumnState:
+    """The NOT NULL flag and the foreign keys of one FK column."""
+
+    table: str
+    column: str
+    not_null: bool
+    foreign_keys: list[ForeignKey]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Step:
+    """One transaction of the migration (or one batched remap)."""
+
+    table: str
+    kind: str  # "ddl", "remap" or "validate"
+    description: str
+    statements: list[sql.Composable]
+    lock: str
+    relations: list[Table] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The steps that bring every table to the chosen option."""
+
+    option: int
+    before: list[ColumnState]
+    steps: list[Step]
+    breaking: list[inspection.BreakingRows]
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.steps
+
+
+def read_column_state(conn: psycopg.Connection, table: Table, column: str) -> ColumnState:
+    """Return the NOT NULL flag and the FKs of ``table.column``."""
+    row = conn.execute(read_sql("queries/column_constraints.sql"),
+                       {"table": table.qualified, "column": column}).fetchone()
+    not_null, fks = row
+    foreign_keys = [ForeignKey(
+        name=fk["name"], referenced_table=fk["referenced_table"],
+        definition=fk["definition"].removesuffix(" NOT VALID"),
+        validated=fk["validated"], on_delete=fk["on_delete"]) for fk in fks]
+    return ColumnState(table.qualified, column, not_null, foreign_keys)
+
+
+def validate_options(options: MigrationOptions) -> MigrationOptions:
+    """Raise ``ParameterError`` for an option the migration cannot run."""
+    if str(options.option) not in ("1", "2") or isinstance(options.option, bool):
+        raise ParameterError(
+            f"option must be 1 (re-point the FK to operator_contracts) or 2 "
+            f"(nullable column, no FK), got {options.option!r}."
+        )
+    options.option = int(options.option)
+    action = str(options.on_delete).upper().strip()
+    if action not in ON_DELETE_ACTIONS:
+        raise ParameterError(
+            f"on_delete must be one of {', '.join(ON_DELETE_ACTIONS)}, got "
+            f"{options.on_delete!r}."
+        )
+    options.on_delete = action
+    if not isinstance(options.batch_size, int) or options.batch_size < 1:
+        raise ParameterError(
+            f"batch_size must be a positive integer, got {options.batch_size!r}."
+        )
+    return options
+
+
+def _drop_fk(table: Table, name: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+        table.identifier, sql.Identifier(name))
+
+
+def _validate_fk(table: Table, name: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+        table.identifier, sql.Identifier(name))
+
+
+def _add_contract_fk(table: Table, name: str, column: str, contracts: Table,
+                     on_delete: str) -> sql.Composed:
+    return sql.SQL(
+        "ALTER TABLE {tbl} ADD CONSTRAINT {name} FOREIGN KEY ({col})"
+        " REFERENCES {ref} (id) ON DELETE {action} NOT VALID"
+    ).format(tbl=table.identifier, name=sql.Identifier(name),
+             col=sql.Identifier(column), ref=contracts.identifier,
+             action=sql.SQL(on_delete))
+
+
+def remap_batch_query(table: Table, column: str, invoices: Table,
+                      contracts: Table) -> sql.Composed:
+    """Return an UPDATE that rewrites up to %(batch)s invoice ids to their contract."""
+    return sql.SQL(
+        "WITH batch AS ("
+        " SELECT t.ctid AS row_ctid, inv.contract_id"
+        " FROM {tbl} t JOIN {inv} inv ON inv.id = t.{col}"
+        " WHERE inv.contract_id IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM {con} c WHERE c.id = t.{col})"
+        " LIMIT %(batch)s FOR UPDATE OF t)"
+        " UPDATE {tbl} t SET {col} = batch.contract_id"
+        " FROM batch WHERE t.ctid = batch.row_ctid"
+    ).format(tbl=table.identifier, col=sql.Identifier(column),
+             inv=invoices.identifier, con=contracts.identifier)
+
+
+def _plan_option_one(table: Table, state: ColumnState, options: MigrationOptions,
+                     invoices: Table, contracts: Table) -> list[Step]:
+    action_code = ON_DELETE_ACTIONS[options.on_delete]
+    contracts_name = contracts.qualified
+    wanted = [fk for fk in state.foreign_keys
+              if _same_table(fk.referenced_table, contracts_name)
+              and fk.on_delete == action_code]
+    others = [fk for fk in state.foreign_keys if fk not in wanted]
+    name = wanted[0].name if wanted else f"{table.name}_{options.column}_fkey"
+    relations = [table, invoices, contracts]
+    if wanted and wanted[0].validated and not others:
+        return []
+
+    steps = []
+    if others or not wanted:
+        statements = [_drop_fk(table, fk.name) for fk in others]
+        dropped = ", ".join(fk.name for fk in others) or "no FK"
+        added = ""
+        if not wanted:
+            statements.append(_add_contract_fk(table, name, options.column,
+                                               contracts, options.on_delete))
+            added = f" and add {name} NOT VALID"
+        steps.append(Step(table.qualified, "ddl",
+                          f"{table.qualified}: drop {dropped}{added}",
+                          statements, "ACCESS EXCLUSIVE (brief)", relations))
+
+    if options.remap_invoice_rows:
+        steps.append(Step(
+            table.qualified, "remap",
+            f"{table.qualified}: rewrite invoice ids to their contract in "
+            f"batches of {options.batch_size}",
+            [remap_batch_query(table, options.column, invoices, contracts)],
+            "ROW EXCLUSIVE, one short transaction per batch", relations))
+
+    if not (wanted and wanted[0].validated):
+        steps.append(Step(
+            table.qualified, "validate",
+            f"{table.qualified}: VALIDATE CONSTRAINT {name}",
+            [_validate_fk(table, name)],
+            "SHARE UPDATE EXCLUSIVE (inserts continue)", relations))
+    return steps
+
+
+def _plan_option_two(table: Table, state: ColumnState, options: MigrationOptions,
+                     invoices: Table, contracts: Table) -> list[Step]:
+    statements = []
+    if state.not_null:
+        statements.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(
+            table.identifier, sql.Identifier(options.column)))
+    statements += [_drop_fk(table, fk.name) for fk in state.foreign_keys]
+    if not statements:
+        return []
+    names = ", ".join(fk.name for fk in state.foreign_keys) or "no FK"
+    return [Step(table.qualified, "ddl",
+                 f"{table.qualified}: DROP NOT NULL on {options.column} and drop {names}",
+                 statements, "ACCESS EXCLUSIVE (brief)",
+                 [table, invoices, contracts])]
+
+
+def _same_table(regclass_text: str, qualified: str) -> bool:
+    return regclass_text in (qualified, qualified.split(".", 1)[1])
+
+
+def plan_migration(conn: psycopg.Connection, options: MigrationOptions) -> Plan:
+    """Read the current state and return the steps the option still needs."""
+    options = validate_options(options)
+    tables = catalog.resolve_tables(conn, list(options.tables), options.schema)
+    invoices = catalog.resolve_table(conn, catalog.REFERENCED_INVOICES, options.schema)
+    contracts = catalog.resolve_table(conn, catalog.REFERENCED_CONTRACTS, options.schema)
+
+    before, steps, breaking = [], [], []
+    for table in tables:
+        catalog.resolve_column(conn, table, options.column)
+        state = read_column_state(conn, table, options.column)
+        before.append(state)
+        if options.option == 1:
+            if options.on_delete == "SET NULL" and state.not_null:
+                raise ParameterError(
+                    f"on_delete='SET NULL' needs {table.qualified}.{options.column} "
+                    f"to be nullable, but it is NOT NULL: deleting a contract "
+                    f"would fail. Use CASCADE or RESTRICT."
+                )
+            table_steps = _plan_option_one(table, state, options, invoices, contracts)
+            if any(step.kind == "validate" for step in table_steps):
+                breaking.append(inspection.find_breaking_rows(conn, table, options.column))
+        else:
+            table_steps = _plan_option_two(table, state, options, invoices, contracts)
+        steps += table_steps
+
+    order = {"ddl": 0, "remap": 1, "validate": 2}
+    steps.sort(key=lambda step: order[step.kind])
+    return Plan(options.option, before, steps, breaking)
+
+
+def check_preflight(plan: Plan, options: MigrationOptions) -> None:
+    """Raise ``PreflightError`` before any change if VALIDATE would fail."""
+    for rows in plan.breaking:
+        if not rows.total:
+            continue
+        if not options.remap_invoice_rows:
+            hint = ("Re-run with remap_invoice_rows=True to rewrite them to "
+                    "their contract first." if rows.unremappable == 0 else
+                    "Some of them cannot be remapped; use Option 2.")
+            raise PreflightError(
+                f"{rows.table}: {rows.total} row(s) hold an invoice_id that is "
+                f"not an operator_contracts id, so VALIDATE CONSTRAINT would "
+                f"fail; nothing was changed. {rows.remappable} of them are "
+                f"invoice ids whose invoice has a contract. {hint}"
+            )
+        if rows.unremappable:
+            raise PreflightError(
+                f"{rows.table}: {rows.unremappable} row(s) hold an invoice_id "
+                f"that is neither an operator_contracts id nor an invoice with "
+                f"a contract, so the remap cannot fix them and VALIDATE would "
+                f"fail; nothing was changed. Inspect them with the inspect "
+                f"notebook, or use Option 2."
+            )
+
+
+def render_sql(conn: psycopg.Connection, plan: Plan, options: MigrationOptions) -> str:
+    """Return the plan as the SQL text it runs, one transaction per block."""
+    settings = options.locks
+    blocks = []
+    for step in plan.steps:
+        lines = [f"-- {step.description}; lock: {step.lock}"]
+        if step.kind == "remap":
+            lines.append(f"-- repeated until it updates no row, with batch = {options.batch_size}")
+        lines.append("BEGIN;")
+        lines.append(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms';")
+        lines.append(f"SET LOCAL statement_timeout = '{settings.statement_timeout_ms}ms';")
+        for statement in step.statements:
+            text = statement.as_string(conn)
+            if step.kind == "remap":
+                text = text.replace("%(batch)s", str(options.batch_size))
+            lines.append(text + ";")
+        lines.append("COMMIT;")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def run_step(conn: psycopg.Connection, step: Step, options: MigrationOptions,
+             progress=None) -> dict:
+    """Run one step with the lock settings; return what it did."""
+    started = time.monotonic()
+    attempts = 0
+    rows = None
+    if step.kind == "remap":
+        rows = 0
+        while True:
+            def batch():
+                return conn.execute(step.statements[0],
+                                    {"batch": options.batch_size}).rowcount
+            updated, tries = locks.run_with_retries(
+                conn, batch, step.relations, options.locks, step.description)
+            attempts += tries
+            rows += updated
+            if progress is not None:
+                progress.update(updated)
+            logger.info("%s: %d row(s) remapped so far", step.table, rows)
+            if updated == 0:
+                break
+    else:
+        def body():
+            for statement in step.statements:
+                conn.execute(statement)
+        _, attempts = locks.run_with_retries(
+            conn, body, step.relations, options.locks, step.description)
+    logger.info("applied: %s (%d attempt(s))", step.description, attempts)
+    return {"table": step.table, "kind": step.kind, "step": step.description,
+            "attempts": attempts, "rows_updated": rows,
+            "duration_s": round(time.monotonic() - started, 3)}
+
+
+def apply_plan(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
+               output_dir: Path | None, wait_for_other_run_s: float = 10.0) -> list[dict]:
+    """Run the pre-flight checks, save the current state, then apply every step.
+
+    Holds the runbook's advisory lock for the whole run. Returns one record
+    per step applied; an empty list when the plan has nothing to do.
+    """
+    check_preflight(plan, options)
+    if plan.nothing_to_do:
+        return []
+    if output_dir is not None:
+        save_state(conn, plan, options, output_dir)
+    applied = []
+    with locks.advisory_lock(conn, wait_for_other_run_s):
+        # Another run may have finished while this one waited for the lock.
+        fresh = plan_migration(conn, options)
+        check_preflight(fresh, options)
+        for step in fresh.steps:
+            applied.append(run_step(conn, step, options))
+    return applied
+
+
+def save_state(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
+               output_dir: Path) -> dict[str, Path]:
+    """Write the constraint definitions, the planned SQL and a rollback script."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "constraints_before": output_dir / "constraints_before.json",
+        "migration_sql": output_dir / "migration.sql",
+        "rollback_sql": output_dir / "rollback.sql",
+    }
+    paths["constraints_before"].write_text(json.dumps(
+        {"database": conn.info.dbname, "option": plan.option,
+         "columns": [state.as_dict() for state in plan.before]}, indent=2) + "\n")
+    paths["migration_sql"].write_text(render_sql(conn, plan, options))
+    paths["rollback_sql"].write_text(render_rollback(conn, plan.before, options))
+    logger.info("saved constraint definitions and rollback SQL in %s", output_dir)
+    return paths
+
+
+def render_rollback(conn: psycopg.Connection, before: list[ColumnState],
+                    options: MigrationOptions) -> str:
+    """Return SQL that restores ``before`` after ``options.option`` was applied.
+
+    The old FKs come back NOT VALID first and are validated in a separate
+    transaction; validation fails if contract ids were stored meanwhile.
+    After Option 2, NOT NULL comes back through a validated CHECK, so SET
+    NOT NULL skips its full-table scan under ACCESS EXCLUSIVE.
+    """
+    settings = options.locks
+    header = (f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms';\n"
+              f"SET LOCAL statement_timeout = '{settings.statement_timeout_ms}ms';\n")
+    phases: list[list[str]] = [[], [], []]
+    for state in before:
+        schema, name = state.table.split(".", 1)
+        table = sql.Identifier(schema, name).as_string(conn)
+        column = sql.Identifier(state.column).as_string(conn)
+        if options.option == 1:
+            added = sql.Identifier(f"{name}_{state.column}_fkey").as_string(conn)
+            phases[0].append(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {added};")
+        for fk in state.foreign_keys:
+            fk_name = sql.Identifier(fk.name).as_string(conn)
+            phases[0].append(
+                f"ALTER TABLE {table} ADD CONSTRAINT {fk_name} {fk.definition} NOT VALID;")
+            if fk.validated:
+                phases[1].append(f"ALTER TABLE {table} VALIDATE CONSTRAINT {fk_name};")
+        if options.option == 2 and state.not_null:
+            check = sql.Identifier(f"{name}_{state.column}_not_null").as_string(conn)
+            phases[0].append(f"ALTER TABLE {table} ADD CONSTRAINT {check}"
+                             f" CHECK ({column} IS NOT NULL) NOT VALID;")
+            phases[1].append(f"ALTER TABLE {table} VALIDATE CONSTRAINT {check};")
+            phases[2].append(f"ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL;")
+            phases[2].append(f"ALTER TABLE {table} DROP CONSTRAINT {check};")
+    parts = ["-- Rollback: restores the constraints saved in constraints_before.json.\n"
+             "-- Run each block as its own transaction, in order."]
+    parts += ["BEGIN;\n" + header + "\n".join(lines) + "\nCOMMIT;"
+              for lines in phases if lines]
+    return "\n\n".join(parts) + "\n"
+
+
+def states_frame(states: list[ColumnState]) -> pd.DataFrame:
+    """Return one row per FK column and FK, for display."""
+    rows = []
+    for state in states:
+        base = {"table_name": state.table, "column": state.column,
+                "not_null": state.not_null}
+        if not state.foreign_keys:
+            rows.append({**base, "constraint_name": None, "definition": None,
+                         "validated": None})
+        for fk in state.foreign_keys:
+            rows.append({**base, "constraint_name": fk.name,
+                         "definition": fk.definition, "validated": fk.validated})
+    return pd.DataFrame(rows)
+
+
+def steps_frame(plan: Plan) -> pd.DataFrame:
+    """Return the plan's steps, one row per transaction, for display."""
+    return pd.DataFrame(
+        [{"step": i, "kind": s.kind, "description": s.description, "lock": s.lock}
+         for i, s in enumerate(plan.steps, start=1)],
+        columns=["step", "kind", "description", "lock"])
+
+
+def describe_outcome(mode: str, plan: Plan, applied: list[dict]) -> str:
+    """Return one paragraph on what the apply step did."""
+    if plan.nothing_to_do:
+        return (f"**Nothing to do:** Option {plan.option} is already applied "
+                f"on every table, so nothing was changed.")
+    if mode == "dry run":
+        return (f"**Dry run:** {len(plan.steps)} step(s) planned and nothing "
+                f"changed. The SQL is in migration.sql. To apply, set "
+                f"dry_run=False and confirm to the database name.")
+    retried = sum(record["attempts"] - 1 for record in applied)
+    return (f"**Applied** {len(applied)} step(s) of Option {plan.option}"
+            f" ({retried} retry(ies) after lock timeouts).")
+
+
+def describe_conclusion(mode: str, option: int, converged: bool) -> str:
+    """Return the closing sentence of the migrate notebook."""
+    if converged:
+        return (f"**Option {option} is in place:** a new plan finds nothing "
+                f"left to do.")
+    if mode == "dry run":
+        return (f"**Option {option} is not applied yet** (dry run). Re-run with "
+                f"dry_run=False and confirm set to apply it.")
+    return (f"**Option {option} is only partly applied:** re-run this notebook "
+            f"to finish it, or restore with rollback.sql.")
