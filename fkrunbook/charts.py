@@ -17,4 +17,7 @@ def plot_provenance(provenance: pd.DataFrame):
     ax.set_title("Provenance of stored invoice_id values")
     ax.legend(title=None, fontsize="small")
     fig.tight_layout()
+    # Closed so the inline backend does not show it a second time; the
+    # notebook displays the returned figure itself.
+    plt.close(fig)
     return fig
