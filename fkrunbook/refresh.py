@@ -18,6 +18,9 @@ from .chain import NOTEBOOKS
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
+# Notebooks outside the chain that nbval also checks.
+STANDALONE_NOTEBOOKS = ("05-rollback",)
+
 
 def strip_run_metadata(path) -> None:
     """Drop papermill's per-run timings so a refresh only changes outputs."""
@@ -33,7 +36,7 @@ def main() -> int:
     for name in ("DATABASE_URL", connection.DEMO_URL_VARIABLE) + connection.TARGET_VARIABLES:
         os.environ.pop(name, None)
     scratch = OUTPUTS_DIR / f"{utc_stamp()}-refresh"
-    for name in NOTEBOOKS:
+    for name in NOTEBOOKS + STANDALONE_NOTEBOOKS:
         path = RUNBOOKS_DIR / f"{name}.ipynb"
         print(f"refreshing {path.name}", flush=True)
         executed = scratch / f"{name}.ipynb"
