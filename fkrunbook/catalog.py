@@ -40,7 +40,7 @@ def _require_name(kind: str, value) -> str:
         raise ParameterError(
             f"{kind} name must be a non-empty string, got {value!r}."
         )
-    if "\x00" in value or len(value) > 63:
+    if "\x00" in value or len(value.encode("utf-8")) > 63:
         raise ParameterError(
             f"{kind} name {value!r} is not a valid PostgreSQL identifier "
             f"(at most 63 bytes, no NUL character)."

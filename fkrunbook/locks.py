@@ -75,9 +75,9 @@ def run_with_retries(conn: psycopg.Connection, body: Callable[[], object],
                      description: str) -> tuple[object, int]:
     """Run ``body`` in a transaction with timeouts, retrying on lock timeout.
 
-    Returns ``(result of body, attempts)``. After the last retry raises
-    ``LockRetriesExhausted`` naming the blocking sessions; each failed
-    attempt was rolled back, so the schema is as it was before the step.
+    Returns ``(result of body, attempts)``. Each failed attempt is rolled
+    back, so when the last retry fails too the schema is as it was before
+    the step, and ``LockRetriesExhausted`` names the blocking sessions.
     """
     attempts = settings.max_retries + 1
     holders: list[dict] = []
@@ -124,9 +124,9 @@ def advisory_lock(conn: psycopg.Connection, wait_s: float = 10.0):
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory'"
                 " AND granted AND ((classid::bigint << 32) | objid::bigint) = %s",
                 [ADVISORY_LOCK_KEY]).fetchone()
-            who = f"pid {holder[0]}" if holder else "another session"
+            holder_label = f"pid {holder[0]}" if holder else "another session"
             raise ConcurrentRunError(
-                f"Another runbook run ({who}) is changing database "
+                f"Another runbook run ({holder_label}) is changing database "
                 f"{conn.info.dbname!r}; waited {wait_s:g} s for it. Let it "
                 f"finish, then re-run: a re-run skips what is already applied."
             )

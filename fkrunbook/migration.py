@@ -4,10 +4,11 @@ A plan is the difference between the state each ``invoice_id`` column is in
 and the state the chosen option wants, so an applied migration plans no
 step and a half-applied one plans only what is left.
 
-Option 1, per table: drop the old FK and add the new one NOT VALID in one
-short transaction (the only step that takes strong locks), remap old rows
-in batches when asked, then VALIDATE CONSTRAINT in a transaction of its own
-under SHARE UPDATE EXCLUSIVE, which lets inserts go on during the scan.
+Option 1, per table: one short transaction drops the old FK and adds the
+new one NOT VALID. It is the only step that takes strong locks. Old rows
+are remapped in batches when asked. Then VALIDATE CONSTRAINT runs in a
+transaction of its own under SHARE UPDATE EXCLUSIVE, so inserts go on
+during the scan.
 Option 2, per table: DROP NOT NULL, then drop the FK, in one short
 transaction.
 """
@@ -39,7 +40,7 @@ DEFAULT_TABLES = ("collection_attempts", "payment_promises")
 
 @dataclass
 class MigrationOptions:
-    """What to change and how carefully; see the migrate notebook's parameters."""
+    """Settings of one migration run, as the migrate notebook's parameters set them."""
 
     option: int = 1
     tables: tuple = DEFAULT_TABLES
@@ -175,21 +176,21 @@ def _plan_option_one(table: Table, state: ColumnState, options: MigrationOptions
                      invoices: Table, contracts: Table) -> list[Step]:
     action_code = ON_DELETE_ACTIONS[options.on_delete]
     contracts_name = contracts.qualified
-    wanted = [fk for fk in state.foreign_keys
+    matching = [fk for fk in state.foreign_keys
               if _same_table(fk.referenced_table, contracts_name)
               and fk.on_delete == action_code]
-    others = [fk for fk in state.foreign_keys if fk not in wanted]
-    name = wanted[0].name if wanted else f"{table.name}_{options.column}_fkey"
+    others = [fk for fk in state.foreign_keys if fk not in matching]
+    name = matching[0].name if matching else f"{table.name}_{options.column}_fkey"
     relations = [table, invoices, contracts]
-    if wanted and wanted[0].validated and not others:
+    if matching and matching[0].validated and not others:
         return []
 
     steps = []
-    if others or not wanted:
+    if others or not matching:
         statements = [_drop_fk(table, fk.name) for fk in others]
         dropped = ", ".join(fk.name for fk in others) or "no FK"
         added = ""
-        if not wanted:
+        if not matching:
             statements.append(_add_contract_fk(table, name, options.column,
                                                contracts, options.on_delete))
             added = f" and add {name} NOT VALID"
@@ -205,7 +206,7 @@ def _plan_option_one(table: Table, state: ColumnState, options: MigrationOptions
             [remap_batch_query(table, options.column, invoices, contracts)],
             "ROW EXCLUSIVE, one short transaction per batch", relations))
 
-    if not (wanted and wanted[0].validated):
+    if not (matching and matching[0].validated):
         steps.append(Step(
             table.qualified, "validate",
             f"{table.qualified}: VALIDATE CONSTRAINT {name}",
@@ -376,6 +377,11 @@ def save_state(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
         "migration_sql": output_dir / "migration.sql",
         "rollback_sql": output_dir / "rollback.sql",
     }
+    if paths["constraints_before"].exists():
+        # A second run into the same folder must not replace the definitions
+        # saved before the first change with the already-changed ones.
+        logger.info("keeping the constraint definitions already saved in %s", output_dir)
+        return paths
     paths["constraints_before"].write_text(json.dumps(
         {"database": conn.info.dbname, "option": plan.option,
          "columns": [state.as_dict() for state in plan.before]}, indent=2) + "\n")
@@ -419,9 +425,14 @@ def render_rollback(conn: psycopg.Connection, before: list[ColumnState],
             phases[2].append(f"ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL;")
             phases[2].append(f"ALTER TABLE {table} DROP CONSTRAINT {check};")
     parts = ["-- Rollback: restores the constraints saved in constraints_before.json.\n"
-             "-- Run each block as its own transaction, in order."]
-    parts += ["BEGIN;\n" + header + "\n".join(lines) + "\nCOMMIT;"
-              for lines in phases if lines]
+             "-- Run each block as its own transaction, in order. The rollback\n"
+             "-- notebook (05-rollback) does the same with pre-flight checks and retries."]
+    if phases[0]:
+        parts.append("BEGIN;\n" + header + "\n".join(phases[0]) + "\nCOMMIT;")
+    # Each VALIDATE scans a whole table, so each gets a transaction of its own.
+    parts += ["BEGIN;\n" + header + line + "\nCOMMIT;" for line in phases[1]]
+    if phases[2]:
+        parts.append("BEGIN;\n" + header + "\n".join(phases[2]) + "\nCOMMIT;")
     return "\n\n".join(parts) + "\n"
 
 
