@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import psycopg
 from psycopg import sql
+from tqdm.auto import tqdm
 
 from . import catalog, inspection, locks
 from .catalog import Table
@@ -362,8 +363,14 @@ def apply_plan(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
         # Another run may have finished while this one waited for the lock.
         fresh = plan_migration(conn, options)
         check_preflight(fresh, options)
+        remappable = {rows.table: rows.remappable for rows in fresh.breaking}
         for step in fresh.steps:
-            applied.append(run_step(conn, step, options))
+            if step.kind == "remap":
+                with tqdm(total=remappable.get(step.table, 0), unit="row",
+                          desc=f"remap {step.table}") as progress:
+                    applied.append(run_step(conn, step, options, progress))
+            else:
+                applied.append(run_step(conn, step, options))
     return applied
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import psycopg
 
 from . import connection, report
+from .errors import RunbookError
 from .paths import OUTPUTS_DIR
 
 logger = logging.getLogger(__name__)
@@ -60,3 +61,28 @@ def start(step: str, output_dir="", demo_stage: str = "incident") -> Run:
     info["mode"] = "demo" if target.is_demo else "target"
     info["source"] = target.source
     return Run(step, target, conn, resolve_output_dir(output_dir, step), info)
+
+
+def use_short_errors() -> None:
+    """Show runbook errors in IPython as their message alone, without a traceback.
+
+    The message already says what failed, on which value and what to do; a
+    traceback through the package hides it. The cell still fails, so
+    papermill and nbval see the error. Outside IPython this does nothing.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show_message(shell, etype, value, tb, tb_offset=None):
+        text = f"{etype.__name__}: {value}"
+        if hasattr(shell, "_showtraceback"):
+            shell._showtraceback(etype, value, [text])
+        else:
+            print(text)
+
+    shell.set_custom_exc((RunbookError,), show_message)
