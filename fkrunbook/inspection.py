@@ -104,14 +104,20 @@ def find_breaking_rows(conn: psycopg.Connection, table: Table, column: str,
     """Count and sample the rows that would make VALIDATE CONSTRAINT fail."""
     invoices, contracts = _reference_tables(conn, table.schema)
     base = breaking_rows_query(table, column, invoices, contracts)
-    total, remappable = conn.execute(
-        sql.SQL("SELECT count(*), count(remap_to) FROM ({}) AS b").format(base)
-    ).fetchone()
-    rows = conn.execute(
-        sql.SQL("SELECT value, remap_to FROM ({}) AS b"
-                " ORDER BY value, remap_to LIMIT %s").format(base),
-        [sample_size],
-    ).fetchall()
+    rows = []
+    with conn.transaction():
+        # Parallel workers would compete with the app's inserts for the
+        # same cores while this runs on a live database.
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+        total, remappable = conn.execute(
+            sql.SQL("SELECT count(*), count(remap_to) FROM ({}) AS b").format(base)
+        ).fetchone()
+        if total:
+            rows = conn.execute(
+                sql.SQL("SELECT value, remap_to FROM ({}) AS b"
+                        " ORDER BY value, remap_to LIMIT %s").format(base),
+                [sample_size],
+            ).fetchall()
     sample = pd.DataFrame(rows, columns=[column, "remap_to"])
     sample.insert(0, "table_name", table.qualified)
     return BreakingRows(table.qualified, total, remappable, sample)

@@ -72,28 +72,37 @@ def backoff_delay(attempt: int, settings: LockSettings) -> float:
 
 def run_with_retries(conn: psycopg.Connection, body: Callable[[], object],
                      relations: list[Table], settings: LockSettings,
-                     description: str) -> tuple[object, int]:
+                     description: str, statement_timeout_ms: int | None = None,
+                     retry_statement_timeout: bool = False) -> tuple[object, int]:
     """Run ``body`` in a transaction with timeouts, retrying on lock timeout.
 
+    ``statement_timeout_ms`` overrides the settings' statement timeout.
+    With ``retry_statement_timeout`` a statement timeout is retried like a
+    lock timeout, because a DDL statement that waits for several locks in
+    turn is cancelled by its statement timeout, not by one lock_timeout.
     Returns ``(result of body, attempts)``. Each failed attempt is rolled
     back, so when the last retry fails too the schema is as it was before
     the step, and ``LockRetriesExhausted`` names the blocking sessions.
     """
     attempts = settings.max_retries + 1
+    if statement_timeout_ms is None:
+        statement_timeout_ms = settings.statement_timeout_ms
+    retryable: tuple = (errors.LockNotAvailable,)
+    if retry_statement_timeout:
+        retryable += (errors.QueryCanceled,)
     holders: list[dict] = []
     for attempt in range(1, attempts + 1):
         try:
             with conn.transaction():
-                set_local_timeouts(conn, settings.lock_timeout_ms,
-                                   settings.statement_timeout_ms)
+                set_local_timeouts(conn, settings.lock_timeout_ms, statement_timeout_ms)
                 return body(), attempt
-        except errors.LockNotAvailable:
+        except retryable:
             holders = find_lock_holders(conn, relations, conn.info.backend_pid)
             if attempt == attempts:
                 break
             delay = backoff_delay(attempt, settings)
             logger.warning(
-                "%s: lock not granted within %d ms (attempt %d of %d); "
+                "%s: locks not granted within %d ms (attempt %d of %d); "
                 "blocked by %s; retrying in %.2f s",
                 description, settings.lock_timeout_ms, attempt, attempts,
                 describe_holders(holders), delay)

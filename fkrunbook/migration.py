@@ -137,9 +137,14 @@ def validate_options(options: MigrationOptions) -> MigrationOptions:
     return options
 
 
-def _drop_fk(table: Table, name: str) -> sql.Composed:
-    return sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-        table.identifier, sql.Identifier(name))
+def _alter_table(table: Table, actions: list[sql.Composable]) -> sql.Composed:
+    # One statement for all subcommands, so a single statement_timeout
+    # bounds the whole wait for the locks the subcommands take one by one.
+    return sql.SQL("ALTER TABLE {} ").format(table.identifier) + sql.SQL(", ").join(actions)
+
+
+def _drop_fk_action(name: str) -> sql.Composed:
+    return sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(name))
 
 
 def _validate_fk(table: Table, name: str) -> sql.Composed:
@@ -147,14 +152,13 @@ def _validate_fk(table: Table, name: str) -> sql.Composed:
         table.identifier, sql.Identifier(name))
 
 
-def _add_contract_fk(table: Table, name: str, column: str, contracts: Table,
-                     on_delete: str) -> sql.Composed:
+def _add_contract_fk_action(name: str, column: str, contracts: Table,
+                            on_delete: str) -> sql.Composed:
     return sql.SQL(
-        "ALTER TABLE {tbl} ADD CONSTRAINT {name} FOREIGN KEY ({col})"
+        "ADD CONSTRAINT {name} FOREIGN KEY ({col})"
         " REFERENCES {ref} (id) ON DELETE {action} NOT VALID"
-    ).format(tbl=table.identifier, name=sql.Identifier(name),
-             col=sql.Identifier(column), ref=contracts.identifier,
-             action=sql.SQL(on_delete))
+    ).format(name=sql.Identifier(name), col=sql.Identifier(column),
+             ref=contracts.identifier, action=sql.SQL(on_delete))
 
 
 def remap_batch_query(table: Table, column: str, invoices: Table,
@@ -188,16 +192,17 @@ def _plan_option_one(table: Table, state: ColumnState, options: MigrationOptions
 
     steps = []
     if others or not matching:
-        statements = [_drop_fk(table, fk.name) for fk in others]
+        actions = [_drop_fk_action(fk.name) for fk in others]
         dropped = ", ".join(fk.name for fk in others) or "no FK"
         added = ""
         if not matching:
-            statements.append(_add_contract_fk(table, name, options.column,
-                                               contracts, options.on_delete))
+            actions.append(_add_contract_fk_action(name, options.column,
+                                                   contracts, options.on_delete))
             added = f" and add {name} NOT VALID"
         steps.append(Step(table.qualified, "ddl",
                           f"{table.qualified}: drop {dropped}{added}",
-                          statements, "ACCESS EXCLUSIVE (brief)", relations))
+                          [_alter_table(table, actions)], "ACCESS EXCLUSIVE (brief)",
+                          relations))
 
     if options.remap_invoice_rows:
         steps.append(Step(
@@ -218,17 +223,17 @@ def _plan_option_one(table: Table, state: ColumnState, options: MigrationOptions
 
 def _plan_option_two(table: Table, state: ColumnState, options: MigrationOptions,
                      invoices: Table, contracts: Table) -> list[Step]:
-    statements = []
+    actions = []
     if state.not_null:
-        statements.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(
-            table.identifier, sql.Identifier(options.column)))
-    statements += [_drop_fk(table, fk.name) for fk in state.foreign_keys]
-    if not statements:
+        actions.append(sql.SQL("ALTER COLUMN {} DROP NOT NULL").format(
+            sql.Identifier(options.column)))
+    actions += [_drop_fk_action(fk.name) for fk in state.foreign_keys]
+    if not actions:
         return []
     names = ", ".join(fk.name for fk in state.foreign_keys) or "no FK"
     return [Step(table.qualified, "ddl",
                  f"{table.qualified}: DROP NOT NULL on {options.column} and drop {names}",
-                 statements, "ACCESS EXCLUSIVE (brief)",
+                 [_alter_table(table, actions)], "ACCESS EXCLUSIVE (brief)",
                  [table, invoices, contracts])]
 
 
@@ -236,8 +241,13 @@ def _same_table(regclass_text: str, qualified: str) -> bool:
     return regclass_text in (qualified, qualified.split(".", 1)[1])
 
 
-def plan_migration(conn: psycopg.Connection, options: MigrationOptions) -> Plan:
-    """Read the current state and return the steps the option still needs."""
+def plan_migration(conn: psycopg.Connection, options: MigrationOptions,
+                   check_rows: bool = True) -> Plan:
+    """Read the current state and return the steps the option still needs.
+
+    With ``check_rows``, Option 1 also counts the rows VALIDATE would reject
+    (one scan per table); without it, only the catalog is read.
+    """
     options = validate_options(options)
     tables = catalog.resolve_tables(conn, list(options.tables), options.schema)
     invoices = catalog.resolve_table(conn, catalog.REFERENCED_INVOICES, options.schema)
@@ -256,7 +266,7 @@ def plan_migration(conn: psycopg.Connection, options: MigrationOptions) -> Plan:
                     f"would fail. Use CASCADE or RESTRICT."
                 )
             table_steps = _plan_option_one(table, state, options, invoices, contracts)
-            if any(step.kind == "validate" for step in table_steps):
+            if check_rows and any(step.kind == "validate" for step in table_steps):
                 breaking.append(inspection.find_breaking_rows(conn, table, options.column))
         else:
             table_steps = _plan_option_two(table, state, options, invoices, contracts)
@@ -302,7 +312,7 @@ def render_sql(conn: psycopg.Connection, plan: Plan, options: MigrationOptions) 
             lines.append(f"-- repeated until it updates no row, with batch = {options.batch_size}")
         lines.append("BEGIN;")
         lines.append(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms';")
-        lines.append(f"SET LOCAL statement_timeout = '{settings.statement_timeout_ms}ms';")
+        lines.append(f"SET LOCAL statement_timeout = '{step_statement_timeout(step, settings)}ms';")
         for statement in step.statements:
             text = statement.as_string(conn)
             if step.kind == "remap":
@@ -311,6 +321,19 @@ def render_sql(conn: psycopg.Connection, plan: Plan, options: MigrationOptions) 
         lines.append("COMMIT;")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + ("\n" if blocks else "")
+
+
+def step_statement_timeout(step: Step, settings: locks.LockSettings) -> int:
+    """Return the statement_timeout of ``step``, in ms.
+
+    A DDL step holds ACCESS EXCLUSIVE on its table while it waits for the
+    next lock, and every insert queues behind it, so its whole statement is
+    bounded by lock_timeout. VALIDATE and remap batches scan rows under
+    weaker locks and get the long statement_timeout.
+    """
+    if step.kind == "ddl":
+        return settings.lock_timeout_ms
+    return settings.statement_timeout_ms
 
 
 def run_step(conn: psycopg.Connection, step: Step, options: MigrationOptions,
@@ -339,7 +362,9 @@ def run_step(conn: psycopg.Connection, step: Step, options: MigrationOptions,
             for statement in step.statements:
                 conn.execute(statement)
         _, attempts = locks.run_with_retries(
-            conn, body, step.relations, options.locks, step.description)
+            conn, body, step.relations, options.locks, step.description,
+            statement_timeout_ms=step_statement_timeout(step, options.locks),
+            retry_statement_timeout=step.kind == "ddl")
     logger.info("applied: %s (%d attempt(s))", step.description, attempts)
     return {"table": step.table, "kind": step.kind, "step": step.description,
             "attempts": attempts, "rows_updated": rows,
@@ -359,11 +384,12 @@ def apply_plan(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
     if output_dir is not None:
         save_state(conn, plan, options, output_dir)
     applied = []
+    remappable = {rows.table: rows.remappable for rows in plan.breaking}
     with locks.advisory_lock(conn, wait_for_other_run_s):
         # Another run may have finished while this one waited for the lock.
-        fresh = plan_migration(conn, options)
-        check_preflight(fresh, options)
-        remappable = {rows.table: rows.remappable for rows in fresh.breaking}
+        # The catalog is read again but the rows are not: the pre-flight has
+        # just counted them, and VALIDATE rejects any row written since.
+        fresh = plan_migration(conn, options, check_rows=False)
         for step in fresh.steps:
             if step.kind == "remap":
                 with tqdm(total=remappable.get(step.table, 0), unit="row",

@@ -265,3 +265,26 @@ def test_second_run_stops_on_advisory_lock(conn, incident_db):
     finally:
         other.close()
     assert invoice_fks(conn, "collection_attempts")[0][1] == "invoices"
+
+
+def test_lock_on_invoices_also_retried(conn, incident_db):
+    # Dropping the old FK also locks invoices, so a session reading
+    # invoices blocks the DDL step as well.
+    blocker = hold_lock(incident_db, "invoices")
+    settings = locks.LockSettings(lock_timeout_ms=20, max_retries=1, backoff_base_ms=10)
+    try:
+        with pytest.raises(LockRetriesExhausted) as caught:
+            apply(conn, option=1, locks=settings)
+        blocker_pid = blocker.info.backend_pid
+    finally:
+        blocker.close()
+    assert f"pid {blocker_pid}" in str(caught.value)
+    assert invoice_fks(conn, "collection_attempts")[0][1] == "invoices"
+
+
+def test_ddl_step_statement_timeout_is_lock_timeout(conn):
+    options = migration.MigrationOptions(option=1, locks=locks.LockSettings(lock_timeout_ms=150))
+    text = migration.render_sql(conn, migration.plan_migration(conn, options), options)
+    blocks = text.split("\n\n")
+    assert "SET LOCAL statement_timeout = '150ms';" in blocks[0]
+    assert "SET LOCAL statement_timeout = '1800000ms';" in blocks[-1]
