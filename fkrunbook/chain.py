@@ -17,13 +17,16 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from . import connection, demo, report
+from . import connection, demo, incident_report, report
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
 logger = logging.getLogger(__name__)
 
 NOTEBOOKS = ("01-reproduce", "02-inspect", "03-migrate", "04-verify")
+# Run after the others only when asked for: it inserts the attempts the
+# incident lost, from the edge function's log export.
+RECOVER_NOTEBOOK = "06-recover"
 
 
 @dataclass
@@ -50,6 +53,8 @@ def notebook_parameters(name: str, output_dir: Path, option: int, remap: bool,
     if name == "03-migrate":
         params.update(option=option, remap_invoice_rows=remap,
                       dry_run=not apply, confirm=confirm)
+    if name == RECOVER_NOTEBOOK:
+        params.update(dry_run=not apply, confirm=confirm)
     params.update(extra.get(name, {}))
     return params
 
@@ -74,13 +79,17 @@ def _failure_message(name: str, exc: papermill.PapermillExecutionError, path: Pa
 def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
               confirm: str = "", output_root: Path | None = None,
               extra_parameters: dict | None = None, progress=print,
-              log_output: bool = False) -> ChainResult:
+              log_output: bool = False, recover: bool = False,
+              show_names: bool = False) -> ChainResult:
     """Run reproduce, inspect, migrate and verify; return the output folder and summary.
 
     With ``use_demo`` (or no target in the environment) the chain starts its
     own embedded server, loads the fixture and applies the option for real.
     Against a target it applies only when ``confirm`` names the database;
-    otherwise migrate is a dry run and verify is skipped.
+    otherwise migrate is a dry run and verify is skipped. With ``recover``
+    the recover notebook runs last (a dry run unless the chain applies).
+    The folder always gets ``report.md`` and ``report.html``; customer names
+    in them are initials unless ``show_names``.
     """
     extra = extra_parameters or {}
     output_dir = Path(output_root or OUTPUTS_DIR) / f"{utc_stamp()}-option{option}"
@@ -94,8 +103,9 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
             confirm, apply = demo.DEMO_DATABASE, True
         else:
             apply = bool(confirm)
-        return _run_notebooks(output_dir, option, remap, apply, confirm, extra,
-                              progress, log_output)
+        notebooks = NOTEBOOKS + ((RECOVER_NOTEBOOK,) if recover else ())
+        return _run_notebooks(output_dir, notebooks, option, remap, apply, confirm,
+                              extra, progress, log_output, show_names)
     finally:
         os.environ.clear()
         os.environ.update(env_backup)
@@ -114,19 +124,21 @@ def _use_demo_environment(conninfo: str) -> None:
     os.environ[connection.DEMO_URL_VARIABLE] = conninfo
 
 
-def _run_notebooks(output_dir: Path, option: int, remap: bool, apply: bool,
-                   confirm: str, extra: dict, progress, log_output: bool) -> ChainResult:
+def _run_notebooks(output_dir: Path, notebooks: tuple, option: int, remap: bool,
+                   apply: bool, confirm: str, extra: dict, progress, log_output: bool,
+                   show_names: bool) -> ChainResult:
     records = []
     failed = None
-    for index, name in enumerate(NOTEBOOKS, start=1):
+    count = len(notebooks)
+    for index, name in enumerate(notebooks, start=1):
         if name == "04-verify" and not apply:
-            progress(f"[{index}/{len(NOTEBOOKS)}] {name}: skipped, migrate ran as a dry run")
+            progress(f"[{index}/{count}] {name}: skipped, migrate ran as a dry run")
             records.append({"notebook": name, "status": "skipped"})
             continue
         path = output_dir / f"{name}.ipynb"
         params = notebook_parameters(name, output_dir, option, remap, apply,
                                      confirm, extra)
-        progress(f"[{index}/{len(NOTEBOOKS)}] {name} ...")
+        progress(f"[{index}/{count}] {name} ...")
         started = time.monotonic()
         try:
             papermill.execute_notebook(
@@ -140,13 +152,14 @@ def _run_notebooks(output_dir: Path, option: int, remap: bool, apply: bool,
         render_html(path)
         status = "failed" if failed else "ok"
         records.append({"notebook": name, "status": status, "seconds": seconds})
-        progress(f"[{index}/{len(NOTEBOOKS)}] {name}: {status} in {seconds} s")
+        progress(f"[{index}/{count}] {name}: {status} in {seconds} s")
         if failed:
             break
     summary = report.build_summary(output_dir, option, records)
     summary["applied"] = apply
     summary["failed"] = failed
     report.write_summary(output_dir, summary)
+    incident_report.write_incident_report(output_dir, show_names=show_names)
     if failed:
         raise ChainFailed(failed, output_dir)
     return ChainResult(output_dir, summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import chain, connection, demo, parameters
 from .errors import RunbookError
@@ -37,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "current_database() (without it, migrate is a dry run)")
     run.add_argument("--output-root", default=None, metavar="DIR",
                      help="folder for the run's output folder (default: outputs/)")
+    run.add_argument("--recover", action="store_true",
+                     help="also run 06-recover: re-insert the attempts the incident "
+                          "lost, from --log-export (a synthetic export in demo mode)")
+    run.add_argument("--log-export", default="", metavar="FILE",
+                     help="the edge function's log export (CSV, JSON or JSON lines) "
+                          "for --recover")
+    run.add_argument("--collector-id", default="", metavar="UUID",
+                     help="collector_id of the recovered attempts (required with "
+                          "--recover against a target)")
+    run.add_argument("--show-names", action="store_true",
+                     help="show customer names in report.md instead of initials")
 
     load = commands.add_parser(
         "load-fixture",
@@ -46,11 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recover_parameters(args) -> dict:
+    """Return the 06-recover parameters given on the command line."""
+    if not args.recover:
+        if args.log_export or args.collector_id:
+            raise RunbookError("--log-export and --collector-id are used only with "
+                               "--recover; add --recover to run the recover step.")
+        return {}
+    params = {}
+    if args.log_export:
+        export = Path(args.log_export).expanduser().resolve()
+        if not export.is_file():
+            raise RunbookError(f"--log-export {args.log_export!r} is not a file; "
+                               f"give the path of the exported function logs.")
+        params["log_export"] = str(export)
+    if args.collector_id:
+        params["collector_id"] = parameters.to_uuid("--collector-id", args.collector_id)
+    return {chain.RECOVER_NOTEBOOK: params}
+
+
 def run_chain(args) -> int:
     result = chain.run_chain(
         option=args.option, remap=args.remap_invoice_rows, use_demo=args.demo,
         confirm=args.confirm, output_root=args.output_root,
-        log_output=args.verbose)
+        log_output=args.verbose, recover=args.recover,
+        extra_parameters=recover_parameters(args), show_names=args.show_names)
     summary = result.summary
     verdict = "all checks passed" if summary["checks_passed"] else "some checks did not pass"
     if not summary["applied"]:

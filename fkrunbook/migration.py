@@ -15,6 +15,7 @@ transaction.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
@@ -368,7 +369,8 @@ def run_step(conn: psycopg.Connection, step: Step, options: MigrationOptions,
     logger.info("applied: %s (%d attempt(s))", step.description, attempts)
     return {"table": step.table, "kind": step.kind, "step": step.description,
             "attempts": attempts, "rows_updated": rows,
-            "duration_s": round(time.monotonic() - started, 3)}
+            "duration_s": round(time.monotonic() - started, 3),
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def apply_plan(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,

@@ -14,12 +14,12 @@ import nbformat
 import papermill
 
 from . import connection
-from .chain import NOTEBOOKS
+from .chain import NOTEBOOKS, RECOVER_NOTEBOOK
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
-# Notebooks outside the chain that nbval also checks.
-STANDALONE_NOTEBOOKS = ("05-rollback",)
+# Notebooks outside the default chain that nbval also checks.
+STANDALONE_NOTEBOOKS = ("05-rollback", RECOVER_NOTEBOOK)
 
 
 def strip_run_metadata(path) -> None:

@@ -51,6 +51,7 @@ def build_summary(output_dir: Path, option: int, notebooks: list[dict]) -> dict:
     inspect = read_result(output_dir, "inspect") or {}
     migrate = read_result(output_dir, "migrate") or {}
     verify = read_result(output_dir, "verify") or {}
+    recover = read_result(output_dir, "recover")
     checks = {
         "reproduced_23503": reproduce.get("reproduced"),
         "keys_in_operator_contracts": reproduce.get("keys_in_operator_contracts"),
@@ -58,6 +59,8 @@ def build_summary(output_dir: Path, option: int, notebooks: list[dict]) -> dict:
         "insert_succeeds": verify.get("insert_succeeds"),
         "attempt_on_top_of_history": verify.get("on_top"),
     }
+    if recover is not None:
+        checks["lost_attempts_recovered"] = recover_complete(recover)
     return {
         "option": option,
         "target": reproduce.get("target") or migrate.get("target"),
@@ -69,6 +72,9 @@ def build_summary(output_dir: Path, option: int, notebooks: list[dict]) -> dict:
         "mode": migrate.get("mode"),
         "constraints_after": migrate.get("constraints_after", []),
         "realtime": verify.get("realtime"),
+        "recovery": None if recover is None else {
+            key: recover.get(key) for key in
+            ("mode", "lost", "inserted", "already_present", "blocked")},
         "checks": checks,
         "checks_passed": all(value is True for value in checks.values()),
         "notebooks": notebooks,
@@ -79,3 +85,10 @@ def write_summary(output_dir: Path, summary: dict) -> Path:
     path = Path(output_dir) / "summary.json"
     path.write_text(to_json(summary), encoding="utf-8")
     return path
+
+
+def recover_complete(recover: dict) -> bool:
+    """Return whether the recover step inserted or found every lost attempt."""
+    return (recover.get("mode") == "apply" and not recover.get("blocked")
+            and (recover.get("inserted") or 0) + (recover.get("already_present") or 0)
+            == (recover.get("lost") or 0))

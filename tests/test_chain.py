@@ -30,8 +30,8 @@ def target(incident_db, monkeypatch):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One demo chain for Option 1, shared by the tests that only read it."""
-    return run(tmp_path_factory.mktemp("demo"), option=1, use_demo=True)
+    """One demo chain for Option 1 with recover, shared by the tests that only read it."""
+    return run(tmp_path_factory.mktemp("demo"), option=1, use_demo=True, recover=True)
 
 
 def dbname(conninfo):
@@ -57,6 +57,9 @@ def test_demo_chain_writes_every_file(demo_run):
         assert f"{notebook}.html" in names
     assert "summary.json" in names
     assert "rollback.sql" in names
+    assert "06-recover.html" in names
+    assert "report.md" in names
+    assert "report.html" in names
     assert result.output_dir.name.endswith("-option1")
 
 
@@ -146,3 +149,16 @@ def test_chain_outputs_never_contain_password(tmp_path, pg_server, incident_db, 
     hits = [p for p in result.output_dir.rglob("*") if p.is_file()
             and password in p.read_text(errors="replace")]
     assert hits == []
+
+
+def test_demo_chain_recovers_lost_attempts(demo_run):
+    summary = demo_run.summary
+    assert summary["checks"]["lost_attempts_recovered"] is True
+    assert summary["recovery"]["inserted"] == summary["recovery"]["lost"]
+    assert summary["recovery"]["lost"] > 0
+
+
+def test_demo_chain_report_names_root_cause(demo_run):
+    text = (demo_run.output_dir / "report.md").read_text()
+    assert "## Root cause" in text
+    assert "collection_attempts_invoice_id_fkey" in text
