@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import report
-from .recovery import describe_fk_state, mask_name
+from .masking import mask_name
+from .recovery import describe_fk_state
 
 REPORT_TITLE = "Incident report: 23503 on collection_attempts_invoice_id_fkey"
 TARGET_FIELDS = ("host", "port", "database", "user")

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from fkrunbook import connection, demo, incident_report, recovery, report
+from fkrunbook import (connection, demo, demo_logs, incident_report, log_analysis, masking,
+                       recovery, report)
 from fkrunbook.paths import RUNBOOKS_DIR
 from fkrunbook.runtime import utc_stamp
 
@@ -165,7 +166,7 @@ def test_report_sql_is_migration_file(report_run):
 
 
 def test_report_timeline_failures_equal_export(report_run, report_db):
-    analysis = recovery.analyse_export(recovery.demo_export(report_db))
+    analysis = log_analysis.analyse_export(demo_logs.demo_export(report_db))
     rows = markdown_table(read_markdown(report_run[0]), "## Timeline")
     times = {row["event"]: row["time"] for row in rows}
     first = analysis.first_failure.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -196,7 +197,7 @@ def test_report_masks_names_by_default(report_run, report_db):
     for name in customer_names(report_db):
         assert name not in text
         assert name not in html_text
-        assert recovery.mask_name(name) in text
+        assert masking.mask_name(name) in text
 
 
 def test_report_shows_names_on_request(report_run, report_db, tmp_path):
@@ -261,6 +262,7 @@ def test_report_fix_time_from_last_step(report_run, tmp_path):
     folder = tmp_path / report_run[0].name
     shutil.copytree(report_run[0], folder)
     migrate = report.read_result(folder, "migrate")
+    migrate.pop("applied_at")
     migrate["applied"][-1]["finished_at"] = "2026-11-11T12:31:00+00:00"
     report.write_result(folder, "migrate", migrate)
     incident_report.write_incident_report(folder)
@@ -269,8 +271,23 @@ def test_report_fix_time_from_last_step(report_run, tmp_path):
         "2026-11-11 12:31:00 UTC"
 
 
-def test_report_fix_time_missing(report_run):
+def test_report_fix_time_from_migrate(report_run):
+    migrate = report.read_result(report_run[0], "migrate")
     rows = markdown_table(read_markdown(report_run[0]), "## Timeline")
+    times = {row["event"]: row["time"] for row in rows}
+    assert times["Fix applied (Option 1)"] == incident_report.format_time(migrate["applied_at"])
+
+
+def test_report_fix_time_missing(report_run, tmp_path):
+    folder = tmp_path / report_run[0].name
+    shutil.copytree(report_run[0], folder)
+    migrate = report.read_result(folder, "migrate")
+    migrate.pop("applied_at")
+    for step in migrate["applied"]:
+        step.pop("finished_at")
+    report.write_result(folder, "migrate", migrate)
+    incident_report.write_incident_report(folder)
+    rows = markdown_table(read_markdown(folder), "## Timeline")
     times = {row["event"]: row["time"] for row in rows}
     assert times["Fix applied (Option 1)"] == "applied; the time was not recorded"
 

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from fkrunbook import migration, recovery, report
+from fkrunbook import (demo_logs, js_literal, log_analysis, logexport, masking, migration,
+                       recovery, report)
 from fkrunbook.errors import GateError, ParameterError, PreflightError
 
 UTC = dt.timezone.utc
@@ -177,7 +178,7 @@ class ExportBuilder:
         message = request_message(self.index, contract_customer(number),
                                   contract_id(number), multiline)
         for _ in range(copies):
-            self.add(at, message, execution_id, recovery.REQUEST)
+            self.add(at, message, execution_id, log_analysis.REQUEST)
 
     def lost(self, slot, number, copies=1):
         # copies > 1 logs the same execution again, as an export of
@@ -188,9 +189,9 @@ class ExportBuilder:
         error = fk_error_message(contract_id(number), multiline=slot % 2 == 0)
         for _ in range(copies):
             self.add(at + dt.timedelta(milliseconds=800), error, execution_id,
-                     recovery.FK_VIOLATION)
-        self.case.outcomes[recovery.LOST] += 1
-        self.case.outcomes[recovery.DUPLICATE] += copies - 1
+                     log_analysis.FK_VIOLATION)
+        self.case.outcomes[log_analysis.LOST] += 1
+        self.case.outcomes[log_analysis.DUPLICATE] += copies - 1
         self.case.lost.add((contract_customer(number), contract_id(number), at))
 
     def saved(self, slot, number, with_reply_line):
@@ -199,8 +200,8 @@ class ExportBuilder:
         self.request(at, number, execution_id)
         if with_reply_line:
             self.add(at + dt.timedelta(milliseconds=1500), "n8n responded: 200 OK",
-                     execution_id, recovery.OTHER_MESSAGE)
-        self.case.outcomes[recovery.SUCCEEDED] += 1
+                     execution_id, log_analysis.OTHER_MESSAGE)
+        self.case.outcomes[log_analysis.SUCCEEDED] += 1
 
     def failed_other(self, slot, number, kind):
         at = BASE + slot * SLOT
@@ -209,8 +210,8 @@ class ExportBuilder:
         message = (customer_fk_error_message(contract_customer(number)) if kind == "fk"
                    else unique_error_message(seed_uuid(f"attempt-id:{slot}")))
         self.add(at + dt.timedelta(milliseconds=800), message, execution_id,
-                 recovery.OTHER_ERROR)
-        self.case.outcomes[recovery.FAILED_OTHER] += 1
+                 log_analysis.OTHER_ERROR)
+        self.case.outcomes[log_analysis.FAILED_OTHER] += 1
 
     def late_error(self, slot, number):
         # The 23503 comes 30 s after its request and in another execution,
@@ -218,9 +219,9 @@ class ExportBuilder:
         at = BASE + slot * SLOT
         self.request(at, number, self.execution(f"late-request:{slot}"))
         self.add(at + dt.timedelta(seconds=30), fk_error_message(contract_id(number), True),
-                 self.execution(f"late-error:{slot}"), recovery.FK_VIOLATION)
-        self.case.outcomes[recovery.SUCCEEDED] += 1
-        self.case.outcomes[recovery.UNPAIRED_FK_VIOLATION] += 1
+                 self.execution(f"late-error:{slot}"), log_analysis.FK_VIOLATION)
+        self.case.outcomes[log_analysis.SUCCEEDED] += 1
+        self.case.outcomes[log_analysis.UNPAIRED_FK_VIOLATION] += 1
 
     def other_function(self, slot, variant):
         at = BASE + slot * SLOT + dt.timedelta(seconds=5)
@@ -232,17 +233,18 @@ class ExportBuilder:
             message = (f'Received request: {{ event: "payment.updated", '
                        f'customer_id: "{contract_customer(3)}", '
                        f'invoice_id: "{contract_id(3)}" }}')
-            expected = recovery.OTHER_FUNCTION if self.with_ids else recovery.REQUEST
+            expected = log_analysis.OTHER_FUNCTION if self.with_ids else log_analysis.REQUEST
             if not self.with_ids:
-                self.case.outcomes[recovery.SUCCEEDED] += 1
+                self.case.outcomes[log_analysis.SUCCEEDED] += 1
         else:
             message = f"Webhook received: payment status update {variant}"
-            expected = recovery.OTHER_FUNCTION if self.with_ids else recovery.OTHER_MESSAGE
+            expected = (log_analysis.OTHER_FUNCTION if self.with_ids
+                        else log_analysis.OTHER_MESSAGE)
         self.add(at, message, execution_id, expected, function_id=OTHER_FUNCTION_ID)
 
     def boot(self, slot):
         self.add(BASE + slot * SLOT + dt.timedelta(seconds=7), "booted (time: 31ms)",
-                 self.execution(f"boot:{slot}"), recovery.OTHER_MESSAGE)
+                 self.execution(f"boot:{slot}"), log_analysis.OTHER_MESSAGE)
 
     def malformed(self, slot, variant):
         at = BASE + slot * SLOT + dt.timedelta(seconds=9)
@@ -266,7 +268,7 @@ class ExportBuilder:
         ]
         message, reason = cases[variant]
         time = "yesterday" if reason == "invalid timestamp" else at
-        self.add(time, message, execution_id, recovery.UNPARSED, reason)
+        self.add(time, message, execution_id, log_analysis.UNPARSED, reason)
 
 
 def build_export(with_ids: bool = True) -> ExportCase:
@@ -375,14 +377,14 @@ def ordered_rows(case: ExportCase, name: str) -> list[Row]:
 
 
 def expected_counts(rows: list[Row]) -> dict[str, int]:
-    counts = Counter({name: 0 for name in recovery.RECORD_CLASSES})
+    counts = Counter({name: 0 for name in log_analysis.RECORD_CLASSES})
     counts.update(row.expected for row in rows)
-    counts[recovery.UNPARSED] += 1  # the format's own malformed record
+    counts[log_analysis.UNPARSED] += 1  # the format's own malformed record
     return dict(counts)
 
 
 def expected_outcomes(case: ExportCase) -> dict[str, int]:
-    outcomes = Counter({name: 0 for name in recovery.OUTCOMES})
+    outcomes = Counter({name: 0 for name in log_analysis.OUTCOMES})
     outcomes.update(case.outcomes)
     return dict(outcomes)
 
@@ -394,7 +396,7 @@ def export_case() -> ExportCase:
 
 @pytest.fixture(scope="module")
 def analysis(export_case):
-    return recovery.analyse_export(to_json_lines(export_case.rows))
+    return log_analysis.analyse_export(to_json_lines(export_case.rows))
 
 
 # --- reading and classifying -------------------------------------------------
@@ -407,7 +409,7 @@ def test_generated_export_size(export_case):
 def test_export_counts_per_class(export_case, name):
     serialise, export_format, _ = FORMATS[name]
     rows = ordered_rows(export_case, name)
-    analysis = recovery.analyse_export(serialise(rows))
+    analysis = log_analysis.analyse_export(serialise(rows))
     assert analysis.export_format == export_format
     assert analysis.records == len(rows) + 1
     assert analysis.counts == expected_counts(rows)
@@ -419,10 +421,10 @@ def test_export_counts_per_class(export_case, name):
 def test_export_unparsed_reasons(export_case, name):
     serialise, _, format_reason = FORMATS[name]
     rows = ordered_rows(export_case, name)
-    analysis = recovery.analyse_export(serialise(rows))
+    analysis = log_analysis.analyse_export(serialise(rows))
     reasons = {item.number: item.reason for item in analysis.unparsed}
     expected = {number: row.reason for number, row in enumerate(rows, start=1)
-                if row.expected == recovery.UNPARSED}
+                if row.expected == log_analysis.UNPARSED}
     assert len(reasons) == len(expected) + 1
     for number, reason in expected.items():
         assert reason in reasons[number], (number, reasons[number])
@@ -432,38 +434,38 @@ def test_export_unparsed_reasons(export_case, name):
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_export_lost_attempts(export_case, name):
     serialise, _, _ = FORMATS[name]
-    analysis = recovery.analyse_export(serialise(ordered_rows(export_case, name)))
+    analysis = log_analysis.analyse_export(serialise(ordered_rows(export_case, name)))
     found = {(a.customer_id, a.invoice_id, a.sent_at) for a in analysis.lost}
     assert found == export_case.lost
     assert analysis.paired_by == {"execution id": len(export_case.lost)
-                                  + export_case.outcomes[recovery.DUPLICATE]
-                                  + export_case.outcomes[recovery.FAILED_OTHER]}
+                                  + export_case.outcomes[log_analysis.DUPLICATE]
+                                  + export_case.outcomes[log_analysis.FAILED_OTHER]}
 
 
 def test_export_formats_give_same_ids(export_case):
     ids = set()
     for name, (serialise, _, _) in FORMATS.items():
-        analysis = recovery.analyse_export(serialise(ordered_rows(export_case, name)))
+        analysis = log_analysis.analyse_export(serialise(ordered_rows(export_case, name)))
         ids.add(tuple(a.attempt_id for a in analysis.lost))
     assert len(ids) == 1
 
 
 def test_export_first_and_last_failure(export_case, analysis):
     failures = sorted(row.time for row in export_case.rows
-                      if row.expected == recovery.FK_VIOLATION)
+                      if row.expected == log_analysis.FK_VIOLATION)
     assert analysis.first_failure == failures[0]
     assert analysis.last_failure == failures[-1]
 
 
 def test_unpaired_fk_violations_listed(export_case, analysis):
-    assert len(analysis.unpaired) == export_case.outcomes[recovery.UNPAIRED_FK_VIOLATION]
+    assert len(analysis.unpaired) == export_case.outcomes[log_analysis.UNPAIRED_FK_VIOLATION]
     for item in analysis.unpaired:
         assert "no Received request" in item["reason"]
 
 
 def test_pairing_by_window_without_ids():
     case = build_export(with_ids=False)
-    analysis = recovery.analyse_export(to_json_lines(case.rows, with_ids=False))
+    analysis = log_analysis.analyse_export(to_json_lines(case.rows, with_ids=False))
     assert analysis.counts == expected_counts(case.rows)
     assert analysis.outcomes == expected_outcomes(case)
     assert {(a.customer_id, a.invoice_id, a.sent_at) for a in analysis.lost} == case.lost
@@ -473,10 +475,10 @@ def test_pairing_by_window_without_ids():
 def test_pairing_window_parameter():
     case = build_export(with_ids=False)
     text = to_json_lines(case.rows, with_ids=False)
-    analysis = recovery.analyse_export(text, pairing_window_s=0.5)
-    assert analysis.outcomes[recovery.LOST] == 0
-    assert analysis.outcomes[recovery.UNPAIRED_FK_VIOLATION] == sum(
-        row.expected == recovery.FK_VIOLATION for row in case.rows)
+    analysis = log_analysis.analyse_export(text, pairing_window_s=0.5)
+    assert analysis.outcomes[log_analysis.LOST] == 0
+    assert analysis.outcomes[log_analysis.UNPAIRED_FK_VIOLATION] == sum(
+        row.expected == log_analysis.FK_VIOLATION for row in case.rows)
 
 
 def test_pairing_uses_execution_before_window():
@@ -492,7 +494,7 @@ def test_pairing_uses_execution_before_window():
          "event_message": fk_error_message(key, True),
          "metadata": [{"execution_id": "exec-a"}]},
     ]
-    analysis = recovery.analyse_export(json.dumps(rows))
+    analysis = log_analysis.analyse_export(json.dumps(rows))
     assert [a.execution_id for a in analysis.lost] == ["exec-a"]
     assert analysis.lost[0].sent_at == at
 
@@ -507,40 +509,41 @@ def test_pairing_window_matches_key():
         {"timestamp": micros(BASE + dt.timedelta(seconds=3)),
          "event_message": fk_error_message(first, False)},
     ]
-    analysis = recovery.analyse_export(json.dumps(rows))
+    analysis = log_analysis.analyse_export(json.dumps(rows))
     assert [a.invoice_id for a in analysis.lost] == [first]
-    assert analysis.outcomes[recovery.SUCCEEDED] == 1
+    assert analysis.outcomes[log_analysis.SUCCEEDED] == 1
 
 
 def test_export_json_object_with_result():
     row = {"timestamp": micros(BASE), "event_message": "booted (time: 30ms)"}
-    analysis = recovery.analyse_export(json.dumps({"result": [row], "error": None}, indent=2))
+    analysis = log_analysis.analyse_export(
+        json.dumps({"result": [row], "error": None}, indent=2))
     assert analysis.export_format == "json object"
-    assert analysis.counts[recovery.OTHER_MESSAGE] == 1
+    assert analysis.counts[log_analysis.OTHER_MESSAGE] == 1
 
 
 def test_export_invalid_json_array_raises():
     with pytest.raises(ParameterError, match="not valid JSON"):
-        recovery.analyse_export('[{"timestamp": 1, ')
+        log_analysis.analyse_export('[{"timestamp": 1, ')
 
 
 def test_read_export_missing_file(tmp_path):
     with pytest.raises(ParameterError, match="was not found"):
-        recovery.read_export(tmp_path / "missing.csv")
+        log_analysis.read_export(tmp_path / "missing.csv")
 
 
 def test_read_export_from_file(tmp_path, export_case):
     path = tmp_path / "logs.csv"
     path.write_text("\ufeff" + to_csv(export_case.rows, json_metadata=False),
                     encoding="utf-8")
-    analysis = recovery.read_export(path)
-    assert analysis.outcomes[recovery.LOST] == len(export_case.lost)
+    analysis = log_analysis.read_export(path)
+    assert analysis.outcomes[log_analysis.LOST] == len(export_case.lost)
 
 
 @pytest.mark.parametrize("value", ["ten", -1, 7200, True])
 def test_pairing_window_rejects(value):
     with pytest.raises(ParameterError, match="pairing_window_s"):
-        recovery.validate_window(value)
+        log_analysis.validate_window(value)
 
 
 # --- timestamps and literals -------------------------------------------------
@@ -551,7 +554,7 @@ def test_pairing_window_rejects(value):
     "2026-11-10 08:00:00.125+00", "2026-11-10T08:00:00.125",
 ])
 def test_timestamp_normalised_to_utc(value):
-    parsed = recovery.parse_timestamp(value)
+    parsed = logexport.parse_timestamp(value)
     assert parsed == BASE
     assert parsed.utcoffset() == dt.timedelta(0)
 
@@ -559,7 +562,7 @@ def test_timestamp_normalised_to_utc(value):
 @pytest.mark.parametrize("value", ["yesterday", None, "", True])
 def test_timestamp_rejects(value):
     with pytest.raises(ValueError):
-        recovery.parse_timestamp(value)
+        logexport.parse_timestamp(value)
 
 
 def test_js_object_quotes_and_escapes():
@@ -567,7 +570,7 @@ def test_js_object_quotes_and_escapes():
             "  c: `both ' and \"`,\n  'quoted key': null,\n  d: 42,\n  e: -1.5,\n"
             "  f: true,\n  g: undefined,\n  h: { nested: [1, 'two', null] },\n"
             "  i: [Object],\n  j: 'ab' +\n    'cd',\n  k: \"\\u00e1\\x41\\u{1F600}\",\n}")
-    parsed = recovery.parse_js_object(text, len("Received request:"))
+    parsed = js_literal.parse_js_object(text, len("Received request:"))
     assert parsed["a"] == "it's \"x\""
     assert parsed["b"] == "tab\tnl\n"
     assert parsed["c"] == "both ' and \""
@@ -590,32 +593,32 @@ def test_js_object_quotes_and_escapes():
     ("{ a: }", "expected a value"),
 ])
 def test_js_object_errors(text, reason):
-    with pytest.raises(recovery.LiteralError, match=reason):
-        recovery.parse_js_object(text)
+    with pytest.raises(js_literal.LiteralError, match=reason):
+        js_literal.parse_js_object(text)
 
 
 def test_js_object_error_hides_text():
     secret = "5511912345678"
-    with pytest.raises(recovery.LiteralError) as raised:
-        recovery.parse_js_object(f'{{ phone: "{secret}')
+    with pytest.raises(js_literal.LiteralError) as raised:
+        js_literal.parse_js_object(f'{{ phone: "{secret}')
     assert secret not in str(raised.value)
 
 
 # --- masking -----------------------------------------------------------------
 
 def test_mask_phone_keeps_ends():
-    assert recovery.mask_phone("5511999990000") == "5511*****0000"
-    assert recovery.mask_phone("12345") == "***45"
-    assert recovery.mask_phone(None) is None
+    assert masking.mask_phone("5511999990000") == "5511*****0000"
+    assert masking.mask_phone("12345") == "***45"
+    assert masking.mask_phone(None) is None
 
 
 def test_mask_message_gives_length():
-    assert recovery.mask_message("x" * 142) == "[142 chars]"
+    assert masking.mask_message("x" * 142) == "[142 chars]"
 
 
 def test_mask_name_initials():
-    assert recovery.mask_name("Marina Duarte") == "M. D."
-    assert recovery.mask_name(None) == "(unknown)"
+    assert masking.mask_name("Marina Duarte") == "M. D."
+    assert masking.mask_name(None) == "(unknown)"
 
 
 def assert_masked(text: str, case: ExportCase) -> None:
@@ -727,7 +730,7 @@ def test_recover_rerun_inserts_nothing(conn, analysis):
 def test_recover_rerun_from_other_format(conn, export_case, analysis):
     apply_option(conn, 2)
     recovery.recover(conn, analysis, COLLECTOR_ID, False, conn.info.dbname)
-    other = recovery.analyse_export(to_csv(export_case.rows, json_metadata=False))
+    other = log_analysis.analyse_export(to_csv(export_case.rows, json_metadata=False))
     again = recovery.recover(conn, other, COLLECTOR_ID, False, conn.info.dbname)
     assert again.inserted == 0
 
@@ -787,7 +790,7 @@ def test_recover_unknown_customer_blocks(conn):
         {"timestamp": micros(BASE) + 500_000, "metadata": [{"execution_id": "exec-z"}],
          "event_message": fk_error_message(contract_id(1), False)},
     ]
-    analysis = recovery.analyse_export(json.dumps(rows))
+    analysis = log_analysis.analyse_export(json.dumps(rows))
     with pytest.raises(PreflightError, match="collection_attempts_customer_id_fkey"):
         recovery.recover(conn, analysis, COLLECTOR_ID, False, conn.info.dbname)
 
@@ -802,7 +805,7 @@ def test_recover_non_contract_key_after_option1(conn):
         {"timestamp": micros(BASE) + 500_000, "metadata": [{"execution_id": "exec-y"}],
          "event_message": fk_error_message(invoice_key, False)},
     ]
-    analysis = recovery.analyse_export(json.dumps(rows))
+    analysis = log_analysis.analyse_export(json.dumps(rows))
     with pytest.raises(PreflightError) as raised:
         recovery.recover(conn, analysis, COLLECTOR_ID, False, conn.info.dbname)
     assert "already references operator_contracts" in str(raised.value)
@@ -828,15 +831,15 @@ def test_fk_state_describes_option(conn):
 
 
 def test_demo_export_has_incident_key(conn):
-    text = recovery.demo_export(conn)
-    analysis = recovery.analyse_export(text)
+    text = demo_logs.demo_export(conn)
+    analysis = log_analysis.analyse_export(text)
     owner = conn.execute("SELECT customer_id::text FROM operator_contracts WHERE id = %s",
                          [INCIDENT_KEY]).fetchone()[0]
     incident = [a for a in analysis.lost if a.invoice_id == INCIDENT_KEY]
     assert len(incident) == 2
     assert {a.customer_id for a in incident} == {owner}
-    assert text == recovery.demo_export(conn)
-    assert analysis.counts[recovery.UNPARSED] == 1
+    assert text == demo_logs.demo_export(conn)
+    assert analysis.counts[log_analysis.UNPARSED] == 1
 
 
 def test_load_export_needs_path_outside_demo(conn):
@@ -847,5 +850,5 @@ def test_load_export_needs_path_outside_demo(conn):
 def test_collector_required_outside_demo():
     with pytest.raises(ParameterError, match="collector_id is empty"):
         recovery.resolve_collector("", is_demo=False)
-    assert recovery.resolve_collector("", is_demo=True) == recovery.DEMO_COLLECTOR_ID
+    assert recovery.resolve_collector("", is_demo=True) == demo_logs.DEMO_COLLECTOR_ID
     assert re.fullmatch(r"[0-9a-f-]{36}", recovery.resolve_collector(COLLECTOR_ID, False))

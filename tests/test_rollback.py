@@ -11,7 +11,7 @@ import json
 import psycopg
 import pytest
 
-from fkrunbook import locks, migration, parameters, rollback
+from fkrunbook import locks, migration, parameters, rollback, saved_state
 from fkrunbook.errors import (GateError, LockRetriesExhausted, ParameterError,
                               PreflightError, TargetError)
 
@@ -47,17 +47,17 @@ def constraint_snapshot(conn: psycopg.Connection) -> list[tuple]:
     return constraints + not_null
 
 
-def current_states(conn: psycopg.Connection, saved: rollback.SavedState) -> list[dict]:
+def current_states(conn: psycopg.Connection, saved: saved_state.SavedState) -> list[dict]:
     return [migration.read_column_state(conn, column.table, column.column).as_dict()
             for column in saved.columns]
 
 
 def saved_columns(folder) -> list[dict]:
-    return json.loads((folder / rollback.STATE_FILE).read_text())["columns"]
+    return json.loads((folder / saved_state.STATE_FILE).read_text())["columns"]
 
 
 def rewrite_state_file(folder, change) -> None:
-    path = folder / rollback.STATE_FILE
+    path = folder / saved_state.STATE_FILE
     data = json.loads(path.read_text())
     change(data)
     path.write_text(json.dumps(data))
@@ -65,7 +65,7 @@ def rewrite_state_file(folder, change) -> None:
 
 def restore(conn: psycopg.Connection, folder,
             settings: locks.LockSettings = locks.LockSettings()) -> list[dict]:
-    saved = rollback.load_saved_state(conn, folder)
+    saved = saved_state.load_saved_state(conn, folder)
     plan = rollback.plan_restore(conn, saved)
     return rollback.run_restore(conn, plan, settings, "apply")
 
@@ -93,7 +93,7 @@ def option_two(conn, tmp_path):
 
 def test_restore_after_option_one(conn, option_one):
     restore(conn, option_one)
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
     states = current_states(conn, saved)
     foreign_keys = [fk for state in states for fk in state["foreign_keys"]]
 
@@ -106,7 +106,7 @@ def test_restore_after_option_one(conn, option_one):
 
 def test_restore_after_option_two(conn, option_two):
     restore(conn, option_two)
-    saved = rollback.load_saved_state(conn, option_two)
+    saved = saved_state.load_saved_state(conn, option_two)
     states = current_states(conn, saved)
     foreign_keys = [fk for state in states for fk in state["foreign_keys"]]
 
@@ -138,7 +138,7 @@ def test_set_not_null_skips_table_scan(conn, option_two):
 
 def test_restore_twice_plans_nothing(conn, option_one):
     restore(conn, option_one)
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
     second = rollback.plan_restore(conn, saved)
 
     assert second.nothing_to_do
@@ -147,7 +147,7 @@ def test_restore_twice_plans_nothing(conn, option_one):
 
 
 def test_interrupted_restore_plans_rest(conn, option_two):
-    saved = rollback.load_saved_state(conn, option_two)
+    saved = saved_state.load_saved_state(conn, option_two)
     plan = rollback.plan_restore(conn, saved)
     for step in plan.steps[:2]:
         rollback.run_step(conn, step, locks.LockSettings())
@@ -191,7 +191,7 @@ def test_tampered_definition_is_rejected(conn, option_one):
         restore(conn, option_one)
 
     assert "not a plain foreign key" in str(raised.value)
-    assert str(option_one / rollback.STATE_FILE) in str(raised.value)
+    assert str(option_one / saved_state.STATE_FILE) in str(raised.value)
     assert constraint_snapshot(conn) == before
     assert conn.execute("SELECT to_regclass('customers')").fetchone()[0] is not None
 
@@ -203,7 +203,7 @@ def test_mismatched_referenced_table_is_rejected(conn, option_one):
     rewrite_state_file(option_one, retarget)
 
     with pytest.raises(ParameterError, match="changed after the migrate run"):
-        rollback.load_saved_state(conn, option_one)
+        saved_state.load_saved_state(conn, option_one)
 
 
 def test_wrong_database_is_rejected(conn, option_one):
@@ -224,7 +224,7 @@ def test_unknown_table_is_rejected(conn, option_one):
     rewrite_state_file(option_one, rename)
 
     with pytest.raises(ParameterError, match="'collection_attempt' was not found"):
-        rollback.load_saved_state(conn, option_one)
+        saved_state.load_saved_state(conn, option_one)
 
 
 def test_unknown_column_is_rejected(conn, option_one):
@@ -232,24 +232,24 @@ def test_unknown_column_is_rejected(conn, option_one):
                        lambda data: data["columns"][0].update(column="invoice"))
 
     with pytest.raises(ParameterError, match="Column 'invoice' was not found"):
-        rollback.load_saved_state(conn, option_one)
+        saved_state.load_saved_state(conn, option_one)
 
 
 def test_missing_file_is_rejected(conn, tmp_path):
     with pytest.raises(ParameterError, match="file not found"):
-        rollback.load_saved_state(conn, tmp_path)
+        saved_state.load_saved_state(conn, tmp_path)
 
 
 def test_invalid_json_is_rejected(conn, option_one):
-    (option_one / rollback.STATE_FILE).write_text("{not json")
+    (option_one / saved_state.STATE_FILE).write_text("{not json")
 
     with pytest.raises(ParameterError, match="invalid JSON"):
-        rollback.load_saved_state(conn, option_one)
+        saved_state.load_saved_state(conn, option_one)
 
 
 def test_dry_run_changes_nothing(conn, option_one):
     before = constraint_snapshot(conn)
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
     plan = rollback.plan_restore(conn, saved)
     mode = parameters.check_gate(conn, True, "")
     applied = rollback.run_restore(conn, plan, locks.LockSettings(), mode)
@@ -270,7 +270,7 @@ def test_gate_with_wrong_confirm_stops(conn, option_one):
 
 
 def test_blocking_session_exhausts_retries(conn, incident_db, option_one):
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
     plan = rollback.plan_restore(conn, saved)
     before = constraint_snapshot(conn)
 
@@ -297,7 +297,7 @@ def test_restore_rebuilds_deferrable_cascade(conn, option_one):
 
     rewrite_state_file(option_one, change)
     restore(conn, option_one)
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
 
     assert current_states(conn, saved)[0]["foreign_keys"][0]["definition"] == definition
     assert rollback.is_restored(rollback.compare_with_saved(conn, saved))
@@ -306,7 +306,7 @@ def test_restore_rebuilds_deferrable_cascade(conn, option_one):
 def test_restore_keeps_unvalidated_fk_unvalidated(conn, option_one):
     rewrite_state_file(option_one, lambda data: data["columns"][0]["foreign_keys"][0]
                        .update(validated=False))
-    saved = rollback.load_saved_state(conn, option_one)
+    saved = saved_state.load_saved_state(conn, option_one)
     kinds = [step.kind for step in rollback.plan_restore(conn, saved).steps]
     restore(conn, option_one)
 
