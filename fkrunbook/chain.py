@@ -17,7 +17,7 @@ import nbformat
 import papermill
 from nbconvert import HTMLExporter
 
-from . import connection, demo, incident_report, report
+from . import connection, demo, incident_report, parameters, report
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
@@ -92,6 +92,11 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
     in them are initials unless ``show_names``.
     """
     extra = extra_parameters or {}
+    # papermill writes every parameter into the executed notebook, so a
+    # password must be stopped here, before any notebook runs.
+    parameters.reject_secrets({"confirm": confirm, **{
+        f"{name}.{key}": value for name, params in extra.items()
+        for key, value in params.items()}})
     output_dir = Path(output_root or OUTPUTS_DIR) / f"{utc_stamp()}-option{option}"
     output_dir.mkdir(parents=True, exist_ok=False)
     env_backup = dict(os.environ)

@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -35,7 +36,34 @@ DEMO_URL_VARIABLE = "FKRUNBOOK_DEMO_URL"
 APPLICATION_NAME = "fkrunbook"
 
 _URL_WITH_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]*://[^/@\s:]*:[^@\s]+@", re.I)
-_KEYWORD_PASSWORD = re.compile(r"\bpassword\s*=", re.I)
+# Also matches PGPASSWORD=..., db_password: ... and "password": "..." (JSON).
+_KEYWORD_PASSWORD = re.compile(r"password[\"']?\s*[=:]", re.I)
+# The password of a URL's user information, to mask it in messages.
+_URL_USERINFO_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/@\s:]*:)[^@\s]+@", re.I)
+_CONNINFO_PASSWORD = re.compile(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'?|\S+)", re.I)
+MASK = "********"
+
+# Hints by libpq's message (the server's messages are those of lc_messages,
+# English by default); the first matching pattern wins.
+_CONNECT_HINTS = (
+    (re.compile(r"password authentication failed|no password supplied|"
+                r"SASL authentication|SCRAM", re.I),
+     "The server did not accept the login: set the user's password in "
+     "PGPASSWORD, .pgpass or the service file, and check the user name."),
+    (re.compile(r'database "[^"]*" does not exist', re.I),
+     "That database does not exist on the server: check PGDATABASE or the "
+     "database name in DATABASE_URL, or create the database first."),
+    (re.compile(r'role "[^"]*" does not exist', re.I),
+     "That user does not exist on the server: check PGUSER or the user in "
+     "DATABASE_URL."),
+    (re.compile(r"Connection refused|could not translate host name|"
+                r"No such file or directory|timeout expired|"
+                r"Network is unreachable", re.I),
+     "No server answered there: check the host and port (PGHOST, PGPORT or "
+     "DATABASE_URL) and that the server is running and reachable."),
+)
+_DEFAULT_HINT = ("Check the host, port, database and user, and that the "
+                 "password is in PGPASSWORD, .pgpass or the service file.")
 
 
 @dataclass
@@ -75,7 +103,11 @@ def resolve_target(demo_stage: str = "incident") -> Target:
 
 def connect(target: Target, *, autocommit: bool = True,
             connect_timeout: int = 10) -> psycopg.Connection:
-    """Open a connection to ``target``; errors never show the password."""
+    """Open a connection to ``target``; errors never show the password.
+
+    Raises ``TargetError`` when the server cannot be reached or rejects the
+    login, and when the connection string itself is invalid.
+    """
     try:
         conn = psycopg.connect(
             target.conninfo,
@@ -84,15 +116,35 @@ def connect(target: Target, *, autocommit: bool = True,
             application_name=APPLICATION_NAME,
         )
     except psycopg.OperationalError as exc:
-        detail = scrub_secret(str(exc).strip(), target.conninfo)
+        detail = _one_line(scrub_secret(str(exc), target.conninfo))
         raise TargetError(
             f"Could not connect to {describe_conninfo(target.conninfo)} "
-            f"(target from {target.source}): {detail}. Check the host, port, "
-            f"database and user, and that the password is in PGPASSWORD, "
-            f".pgpass or the service file."
+            f"(target from {target.source}): {detail} {_connect_hint(detail)}"
+        ) from None
+    except psycopg.Error as exc:
+        # libpq rejects a malformed string before connecting, and its
+        # message may quote the part that contains the password.
+        detail = _one_line(scrub_secret(str(exc), target.conninfo))
+        raise TargetError(
+            f"The connection string in {target.source} is invalid: {detail} "
+            f"Fix its syntax. In a URL, percent-encode @, :, / and % in the "
+            f"user and password (@ as %40)."
         ) from None
     logger.debug("connected to %s", describe_conninfo(target.conninfo))
     return conn
+
+
+def _one_line(text: str) -> str:
+    # libpq's messages span lines and end with or without a full stop.
+    text = " ".join(text.split())
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def _connect_hint(detail: str) -> str:
+    for pattern, hint in _CONNECT_HINTS:
+        if pattern.search(detail):
+            return hint
+    return _DEFAULT_HINT
 
 
 def describe_conninfo(conninfo: str) -> str:
@@ -122,15 +174,34 @@ def describe_target(conn: psycopg.Connection) -> dict:
 
 
 def scrub_secret(text: str, conninfo: str) -> str:
-    """Replace the password of ``conninfo``, if any, in ``text``."""
-    password = os.environ.get("PGPASSWORD")
+    """Replace the password of ``conninfo`` and of ``PGPASSWORD``, if any, in ``text``.
+
+    Works on a conninfo that does not parse too, and masks the password of
+    any URL in ``text`` as well.
+    """
+    for password in sorted(_passwords(conninfo), key=len, reverse=True):
+        text = text.replace(password, MASK)
+    return _URL_USERINFO_PASSWORD.sub(rf"\1{MASK}@", text)
+
+
+def _passwords(conninfo: str) -> set[str]:
+    """Return every form in which a password of ``conninfo`` may be quoted."""
+    found = {os.environ.get("PGPASSWORD") or ""}
     try:
-        password = conninfo_to_dict(conninfo).get("password") or password
+        found.add(conninfo_to_dict(conninfo).get("password") or "")
     except psycopg.ProgrammingError:
         pass
-    if password:
-        text = text.replace(password, "********")
-    return text
+    if "://" in conninfo:
+        # user:password@ ends at the last @, as libpq reads a URL.
+        userinfo = conninfo.split("://", 1)[1].rpartition("@")[0]
+        if ":" in userinfo:
+            found.add(userinfo.split(":", 1)[1])
+    for match in _CONNINFO_PASSWORD.finditer(conninfo):
+        value = match.group(1)
+        found.add(value)
+        found.add(value.strip("'"))
+    found |= {unquote(value) for value in found} | {quote(value) for value in found}
+    return {value for value in found if value}
 
 
 def reject_secret_parameter(name: str, value: Any) -> None:

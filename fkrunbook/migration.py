@@ -250,7 +250,7 @@ def plan_migration(conn: psycopg.Connection, options: MigrationOptions,
     (one scan per table); without it, only the catalog is read.
     """
     options = validate_options(options)
-    tables = catalog.resolve_tables(conn, list(options.tables), options.schema)
+    tables = catalog.resolve_tables(conn, options.tables, options.schema)
     invoices = catalog.resolve_table(conn, catalog.REFERENCED_INVOICES, options.schema)
     contracts = catalog.resolve_table(conn, catalog.REFERENCED_CONTRACTS, options.schema)
 
@@ -258,6 +258,7 @@ def plan_migration(conn: psycopg.Connection, options: MigrationOptions,
     for table in tables:
         catalog.resolve_column(conn, table, options.column)
         state = read_column_state(conn, table, options.column)
+        check_fk_targets(state, invoices, contracts)
         before.append(state)
         if options.option == 1:
             if options.on_delete == "SET NULL" and state.not_null:
@@ -276,6 +277,24 @@ def plan_migration(conn: psycopg.Connection, options: MigrationOptions,
     order = {"ddl": 0, "remap": 1, "validate": 2}
     steps.sort(key=lambda step: order[step.kind])
     return Plan(options.option, before, steps, breaking)
+
+
+def check_fk_targets(state: ColumnState, invoices: Table, contracts: Table) -> None:
+    """Raise ``ParameterError`` if the column has an FK to any other table.
+
+    The fix changes only FKs to invoices or operator_contracts; a column
+    with an FK elsewhere (customer_id, say) was named by mistake, and
+    dropping its FK would lose a constraint that is right.
+    """
+    for fk in state.foreign_keys:
+        if not any(_same_table(fk.referenced_table, t.qualified)
+                   for t in (invoices, contracts)):
+            raise ParameterError(
+                f"{state.table}.{state.column} has FK {fk.name!r} to "
+                f"{fk.referenced_table!r}, not to invoices or operator_contracts, "
+                f"so it is not the incident's column; nothing was changed. "
+                f"Check the column parameter (the incident's column is invoice_id)."
+            )
 
 
 def check_preflight(plan: Plan, options: MigrationOptions) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 
 from . import connection, report
-from .errors import RunbookError
+from .errors import ParameterError, RunbookError
 from .paths import OUTPUTS_DIR
 
 logger = logging.getLogger(__name__)
@@ -47,20 +47,29 @@ def resolve_output_dir(output_dir, step: str) -> Path:
     """Return ``output_dir``, or a new ``outputs/<UTC time>-<step>`` when empty."""
     if output_dir in (None, ""):
         path = OUTPUTS_DIR / f"{utc_stamp()}-{step}"
+    elif not isinstance(output_dir, (str, Path)):
+        raise ParameterError(
+            f"output_dir must be a folder path, got {type(output_dir).__name__} "
+            f"{output_dir!r}.")
     else:
         path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ParameterError(
+            f"output_dir {str(path)!r} is a file, not a folder; give a folder "
+            f"(it is created if missing) or leave it empty.")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def start(step: str, output_dir="", demo_stage: str = "incident") -> Run:
     """Resolve the target, connect, and describe it (never with its password)."""
+    folder = resolve_output_dir(output_dir, step)
     target = connection.resolve_target(demo_stage=demo_stage)
     conn = connection.connect(target)
     info = connection.describe_target(conn)
     info["mode"] = "demo" if target.is_demo else "target"
     info["source"] = target.source
-    return Run(step, target, conn, resolve_output_dir(output_dir, step), info)
+    return Run(step, target, conn, folder, info)
 
 
 def use_short_errors() -> None:

@@ -288,3 +288,18 @@ def test_ddl_step_statement_timeout_is_lock_timeout(conn):
     blocks = text.split("\n\n")
     assert "SET LOCAL statement_timeout = '150ms';" in blocks[0]
     assert "SET LOCAL statement_timeout = '1800000ms';" in blocks[-1]
+
+
+@pytest.mark.parametrize("option", [1, 2])
+def test_column_with_fk_elsewhere_rejected(conn, option):
+    with pytest.raises(ParameterError, match="collection_attempts_customer_id_fkey"):
+        migration.plan_migration(conn, migration.MigrationOptions(
+            option=option, tables=("collection_attempts",), column="customer_id"))
+    assert not_null(conn, "collection_attempts") is True
+
+
+def test_tables_as_comma_string(conn):
+    plan = migration.plan_migration(conn, migration.MigrationOptions(
+        tables="collection_attempts, payment_promises"))
+    assert [state.table for state in plan.before] == [
+        "public.collection_attempts", "public.payment_promises"]
