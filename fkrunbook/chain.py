@@ -1,4 +1,4 @@
-"""Run the four notebooks against one database with papermill.
+"""Run the runbook notebooks against one database with papermill.
 
 The chain writes ``outputs/<UTC time>-option<N>/``: each executed notebook,
 an HTML rendering of it, the notebooks' results and ``summary.json``. A
@@ -31,7 +31,7 @@ RECOVER_NOTEBOOK = "06-recover"
 
 @dataclass
 class ChainResult:
-    """What a chain run produced."""
+    """The output folder and summary of one chain run."""
 
     output_dir: Path
     summary: dict
@@ -62,8 +62,8 @@ def notebook_parameters(name: str, output_dir: Path, option: int, remap: bool,
 def render_html(notebook_path: Path) -> Path:
     """Write an HTML rendering beside an executed notebook."""
     exporter = HTMLExporter()
-    # nbconvert warns once per chart that it has no alt text; the chart's
-    # title and the table above it say the same.
+    # nbconvert warns once per chart that it has no alt text, but the
+    # chart's title and the table above it carry the same figures.
     exporter.log.setLevel(logging.ERROR)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
     html_path = notebook_path.with_suffix(".html")

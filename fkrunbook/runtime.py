@@ -75,8 +75,8 @@ def start(step: str, output_dir="", demo_stage: str = "incident") -> Run:
 def use_short_errors() -> None:
     """Show runbook errors in IPython as their message alone, without a traceback.
 
-    The message already says what failed, on which value and what to do; a
-    traceback through the package hides it. The cell still fails, so
+    The message names what failed, the value and the next step, and a
+    traceback through the package would hide it. The cell still fails, so
     papermill and nbval see the error. Outside IPython this does nothing.
     """
     try:
