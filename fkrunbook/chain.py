@@ -18,6 +18,7 @@ import papermill
 from nbconvert import HTMLExporter
 
 from . import connection, demo, incident_report, parameters, report
+from .errors import ParameterError, TargetError
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
@@ -27,6 +28,9 @@ NOTEBOOKS = ("01-reproduce", "02-inspect", "03-migrate", "04-verify")
 # Run after the others only when asked for: it inserts the attempts the
 # incident lost, from the edge function's log export.
 RECOVER_NOTEBOOK = "06-recover"
+# ipykernel 7 warns on every start that its local TCP sockets are not
+# encrypted; the kernel runs on this machine for this run only.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 @dataclass
@@ -44,6 +48,19 @@ class ChainFailed(Exception):
     def __init__(self, message: str, output_dir: Path):
         super().__init__(message)
         self.output_dir = output_dir
+
+
+class ChainInterrupted(ChainFailed):
+    """The user interrupted the chain; the folder holds what had run."""
+
+
+def execute(name: str, path: Path, params: dict, log_output: bool) -> None:
+    """Execute one runbook notebook into ``path`` with papermill."""
+    papermill.execute_notebook(
+        str(RUNBOOKS_DIR / f"{name}.ipynb"), str(path), parameters=params,
+        kernel_name="python3", cwd=str(RUNBOOKS_DIR), progress_bar=False,
+        log_output=log_output, extra_arguments=KERNEL_ARGUMENTS,
+    )
 
 
 def notebook_parameters(name: str, output_dir: Path, option: int, remap: bool,
@@ -83,13 +100,15 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
               show_names: bool = False) -> ChainResult:
     """Run reproduce, inspect, migrate and verify; return the output folder and summary.
 
-    With ``use_demo`` (or no target in the environment) the chain starts its
-    own embedded server, loads the fixture and applies the option for real.
-    Against a target it applies only when ``confirm`` names the database;
-    otherwise migrate is a dry run and verify is skipped. With ``recover``
-    the recover notebook runs last (a dry run unless the chain applies).
-    The folder always gets ``report.md`` and ``report.html``; customer names
-    in them are initials unless ``show_names``.
+    With ``use_demo`` the chain starts its own embedded server, loads the
+    fixture and applies the option for real. Otherwise the target comes
+    from the environment, and the chain raises ``TargetError`` when none is
+    set. Against a target it applies only when ``confirm`` names the
+    database, which is checked before any notebook runs; without it migrate
+    is a dry run and verify is skipped. With ``recover`` the recover
+    notebook runs last. The folder always gets ``report.md`` and
+    ``report.html``; customer names in them are initials unless
+    ``show_names``.
     """
     extra = extra_parameters or {}
     # papermill writes every parameter into the executed notebook, so a
@@ -97,17 +116,20 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
     parameters.reject_secrets({"confirm": confirm, **{
         f"{name}.{key}": value for name, params in extra.items()
         for key, value in params.items()}})
-    output_dir = Path(output_root or OUTPUTS_DIR) / f"{utc_stamp()}-option{option}"
-    output_dir.mkdir(parents=True, exist_ok=False)
     env_backup = dict(os.environ)
     server = None
     try:
-        if use_demo or not _environment_has_target():
+        if use_demo:
             server, conninfo = demo.start_demo_database()
             _use_demo_environment(conninfo)
             confirm, apply = demo.DEMO_DATABASE, True
+            progress(f"Target: embedded demo database {demo.DEMO_DATABASE} "
+                     f"(throwaway; the option is applied for real)")
         else:
             apply = bool(confirm)
+            progress(describe_chain_target(confirm, recover, extra))
+        output_dir = Path(output_root or OUTPUTS_DIR) / f"{utc_stamp()}-option{option}"
+        output_dir.mkdir(parents=True, exist_ok=False)
         notebooks = NOTEBOOKS + ((RECOVER_NOTEBOOK,) if recover else ())
         return _run_notebooks(output_dir, notebooks, option, remap, apply, confirm,
                               extra, progress, log_output, show_names)
@@ -116,6 +138,36 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
         os.environ.update(env_backup)
         if server is not None:
             demo.stop_server(server)
+
+
+def describe_chain_target(confirm: str, recover: bool, extra: dict) -> str:
+    """Check the target before any notebook runs; return a line naming it.
+
+    Raises ``TargetError`` when no target is set or it cannot be reached,
+    ``GateError`` when ``confirm`` is given but names another database, and
+    ``ParameterError`` when recover lacks what a target needs.
+    """
+    if not _environment_has_target():
+        raise TargetError(
+            "No target database is set: DATABASE_URL and the PG* variables "
+            "(PGHOST, PGDATABASE, PGSERVICE, ...) are all empty. Set them to "
+            "the database to fix, or pass --demo to run on a throwaway "
+            "embedded database.")
+    if recover and not all(extra.get(RECOVER_NOTEBOOK, {}).get(name)
+                           for name in ("log_export", "collector_id")):
+        raise ParameterError(
+            "--recover against a target needs --log-export FILE (the edge "
+            "function's log export) and --collector-id UUID (the collector "
+            "the recovered attempts are recorded under); nothing was run.")
+    target = connection.resolve_target()
+    with connection.connect(target) as conn:
+        info = connection.describe_target(conn)
+        if confirm:
+            parameters.check_gate(conn, dry_run=False, confirm=confirm)
+    mode = (f"changes are applied (confirmed {confirm!r})" if confirm else
+            "dry run: nothing is changed; add --confirm DATABASE to apply")
+    return (f"Target: {info['user']}@{info['host']}:{info['port']}/{info['database']} "
+            f"(PostgreSQL {info['server_version']}, from {target.source}); {mode}")
 
 
 def _environment_has_target() -> bool:
@@ -134,6 +186,7 @@ def _run_notebooks(output_dir: Path, notebooks: tuple, option: int, remap: bool,
                    show_names: bool) -> ChainResult:
     records = []
     failed = None
+    interrupted = False
     count = len(notebooks)
     for index, name in enumerate(notebooks, start=1):
         if name == "04-verify" and not apply:
@@ -146,15 +199,17 @@ def _run_notebooks(output_dir: Path, notebooks: tuple, option: int, remap: bool,
         progress(f"[{index}/{count}] {name} ...")
         started = time.monotonic()
         try:
-            papermill.execute_notebook(
-                str(RUNBOOKS_DIR / f"{name}.ipynb"), str(path), parameters=params,
-                kernel_name="python3", cwd=str(RUNBOOKS_DIR),
-                progress_bar=False, log_output=log_output,
-            )
+            execute(name, path, params, log_output)
         except papermill.PapermillExecutionError as exc:
             failed = _failure_message(name, exc, path)
+        except KeyboardInterrupt:
+            interrupted = True
+            failed = (f"{name} was interrupted (Ctrl-C). Read the migrate notebook "
+                      f"and re-run the chain: a re-run continues where this one "
+                      f"stopped, and rollback.sql undoes what was applied.")
         seconds = round(time.monotonic() - started, 1)
-        render_html(path)
+        if path.exists():
+            render_html(path)
         status = "failed" if failed else "ok"
         records.append({"notebook": name, "status": status, "seconds": seconds})
         progress(f"[{index}/{count}] {name}: {status} in {seconds} s")
@@ -165,6 +220,8 @@ def _run_notebooks(output_dir: Path, notebooks: tuple, option: int, remap: bool,
     summary["failed"] = failed
     report.write_summary(output_dir, summary)
     incident_report.write_incident_report(output_dir, show_names=show_names)
+    if interrupted:
+        raise ChainInterrupted(failed, output_dir)
     if failed:
         raise ChainFailed(failed, output_dir)
     return ChainResult(output_dir, summary)

@@ -84,9 +84,13 @@ def run_chain(args) -> int:
         log_output=args.verbose, recover=args.recover,
         extra_parameters=recover_parameters(args), show_names=args.show_names)
     summary = result.summary
-    verdict = "all checks passed" if summary["checks_passed"] else "some checks did not pass"
+    verdict = "all checks passed"
+    if not summary["checks_passed"]:
+        verdict = f"checks not passed: {', '.join(summary['checks_failed'])}; see summary.json"
     if not summary["applied"]:
-        verdict = "dry run: nothing changed; re-run with --confirm DATABASE to apply"
+        verdict = ("dry run: nothing changed. The plan and the SQL are in "
+                   "03-migrate.html and migration.sql; re-run with --confirm "
+                   "DATABASE to apply")
     print(f"Done ({verdict}). Output folder: {result.output_dir}")
     return 0 if summary["checks_passed"] or not summary["applied"] else 1
 
@@ -117,6 +121,9 @@ def main(argv=None) -> int:
         if args.command == "chain":
             return run_chain(args)
         return load_fixture(args)
+    except chain.ChainInterrupted as exc:
+        print(f"interrupted: {exc}\nOutput folder: {exc.output_dir}", file=sys.stderr)
+        return 130
     except chain.ChainFailed as exc:
         print(f"error: {exc}\nOutput folder: {exc.output_dir}", file=sys.stderr)
         return 1

@@ -123,8 +123,11 @@ def connect(target: Target, *, autocommit: bool = True,
         ) from None
     except psycopg.Error as exc:
         # libpq rejects a malformed string before connecting, and its
-        # message may quote the part that contains the password.
-        detail = _one_line(scrub_secret(str(exc), target.conninfo))
+        # message may quote the part that contains the password. A string
+        # that does not parse hides its password from scrub_secret, so any
+        # quoted part of the message that comes from it is dropped.
+        detail = _one_line(scrub_secret(_drop_quoted_conninfo(str(exc), target.conninfo),
+                                        target.conninfo))
         raise TargetError(
             f"The connection string in {target.source} is invalid: {detail} "
             f"Fix its syntax. In a URL, percent-encode @, :, / and % in the "
@@ -171,6 +174,15 @@ def describe_target(conn: psycopg.Connection) -> dict:
         "user": info.user,
         "server_version": f"{major}.{rest}",
     }
+
+
+def _drop_quoted_conninfo(text: str, conninfo: str) -> str:
+    """Replace each double-quoted part of ``text`` that is taken from ``conninfo``."""
+    def replace(match: re.Match) -> str:
+        quoted = match.group(1)
+        return '"(part of the connection string)"' if quoted and quoted in conninfo \
+            else match.group(0)
+    return re.sub(r'"([^"]*)"', replace, text)
 
 
 def scrub_secret(text: str, conninfo: str) -> str:

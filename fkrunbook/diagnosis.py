@@ -251,6 +251,38 @@ def read_only_check(conn: psycopg.Connection, key: str, reason: str) -> dict:
             "detail": None, "constraint": None, "schema": None, "table": None}
 
 
+def judge_reproduction(failing: list[FailingKey], results: list[dict]) -> dict:
+    """Return whether the re-run insert failed as the log says, key by key.
+
+    ``reproduced`` needs a 23503 on the log's own constraint for every key,
+    so a 23503 on another FK (a wrong customer_id, say) does not count.
+    ``already_fixed`` means every insert was accepted: the fix is in place.
+    """
+    expected = {item.key: item.constraint for item in failing}
+    matching = [r for r in results if r["sqlstate"] == "23503"
+                and r["constraint"] == expected.get(r["key"])]
+    other = [r for r in results if r["outcome"] == "rejected" and r not in matching]
+    return {
+        "reproduced": bool(results) and len(matching) == len(results),
+        "already_fixed": bool(results) and all(r["outcome"] == "accepted" for r in results),
+        "other_rejections": [{"key": r["key"], "constraint": r["constraint"]} for r in other],
+    }
+
+
+def describe_reproduction(judgement: dict) -> str:
+    """Return one sentence on the outcome of the re-run inserts."""
+    if judgement["reproduced"]:
+        return "**23503 reproduced for every key** on the constraint the log names."
+    if judgement["already_fixed"]:
+        return ("**Not reproduced: the insert is accepted for every key**, so a fix "
+                "is already in place on this database. Go on with verify.")
+    lines = ["**Not reproduced for every key.**"]
+    for item in judgement["other_rejections"]:
+        lines.append(f"Key {item['key']} was rejected by {item['constraint']}, not by "
+                     f"the constraint in the log: check customer_id and collector_id.")
+    return " ".join(lines)
+
+
 def state_root_cause(failing: list[FailingKey], owners: dict[str, list[str]]) -> str:
     """Return the root cause in one sentence, from the keys and their owners."""
     contract_keys = [k.key for k in failing

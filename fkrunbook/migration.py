@@ -411,14 +411,44 @@ def apply_plan(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
         # The catalog is read again but the rows are not: the pre-flight has
         # just counted them, and VALIDATE rejects any row written since.
         fresh = plan_migration(conn, options, check_rows=False)
+        if fresh.nothing_to_do:
+            logger.warning("another run applied Option %d while this one waited "
+                           "for the advisory lock; nothing left to do", options.option)
         for step in fresh.steps:
-            if step.kind == "remap":
-                with tqdm(total=remappable.get(step.table, 0), unit="row",
-                          desc=f"remap {step.table}") as progress:
-                    applied.append(run_step(conn, step, options, progress))
-            else:
-                applied.append(run_step(conn, step, options))
+            try:
+                applied.append(run_planned_step(conn, step, options, remappable))
+            except locks.LockRetriesExhausted as exc:
+                raise_with_progress(exc, applied, output_dir)
     return applied
+
+
+def run_planned_step(conn: psycopg.Connection, step: Step, options: MigrationOptions,
+                     remappable: dict[str, int]) -> dict:
+    """Run one step of ``apply_plan``, with a progress bar for a remap."""
+    if step.kind != "remap":
+        return run_step(conn, step, options)
+    with tqdm(total=remappable.get(step.table, 0), unit="row",
+              desc=f"remap {step.table}") as progress:
+        return run_step(conn, step, options, progress)
+
+
+def raise_with_progress(exc: locks.LockRetriesExhausted, applied: list[dict],
+                        output_dir: Path | None) -> None:
+    """Re-raise ``exc`` saying which earlier steps did commit.
+
+    Each step is its own transaction, so a stop after the first leaves the
+    earlier ones applied: a re-run continues from there, and the rollback
+    needs the constraints saved before the first step.
+    """
+    if not applied:
+        raise exc
+    done = "; ".join(record["step"] for record in applied)
+    saved = (f" The definitions from before them are in "
+             f"{Path(output_dir) / 'constraints_before.json'}: use that folder "
+             f"for a rollback." if output_dir is not None else "")
+    raise locks.LockRetriesExhausted(
+        f"{exc} Steps committed before this one: {done}. A re-run continues "
+        f"from there.{saved}", blockers=exc.blockers, attempts=exc.attempts) from None
 
 
 def save_state(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
@@ -455,8 +485,11 @@ def render_rollback(conn: psycopg.Connection, before: list[ColumnState],
     NOT NULL skips its full-table scan under ACCESS EXCLUSIVE.
     """
     settings = options.locks
-    header = (f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms';\n"
-              f"SET LOCAL statement_timeout = '{settings.statement_timeout_ms}ms';\n")
+    lock = f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms';\n"
+    # Blocks 1 and 3 take ACCESS EXCLUSIVE and do no scan, so their
+    # statements are bounded by lock_timeout as migrate's DDL steps are.
+    short = lock + f"SET LOCAL statement_timeout = '{settings.lock_timeout_ms}ms';\n"
+    long = lock + f"SET LOCAL statement_timeout = '{settings.statement_timeout_ms}ms';\n"
     phases: list[list[str]] = [[], [], []]
     for state in before:
         schema, name = state.table.split(".", 1)
@@ -482,11 +515,11 @@ def render_rollback(conn: psycopg.Connection, before: list[ColumnState],
              "-- Run each block as its own transaction, in order. The rollback\n"
              "-- notebook (05-rollback) does the same with pre-flight checks and retries."]
     if phases[0]:
-        parts.append("BEGIN;\n" + header + "\n".join(phases[0]) + "\nCOMMIT;")
+        parts.append("BEGIN;\n" + short + "\n".join(phases[0]) + "\nCOMMIT;")
     # Each VALIDATE scans a whole table, so each gets a transaction of its own.
-    parts += ["BEGIN;\n" + header + line + "\nCOMMIT;" for line in phases[1]]
+    parts += ["BEGIN;\n" + long + line + "\nCOMMIT;" for line in phases[1]]
     if phases[2]:
-        parts.append("BEGIN;\n" + header + "\n".join(phases[2]) + "\nCOMMIT;")
+        parts.append("BEGIN;\n" + short + "\n".join(phases[2]) + "\nCOMMIT;")
     return "\n\n".join(parts) + "\n"
 
 
@@ -522,6 +555,9 @@ def describe_outcome(mode: str, plan: Plan, applied: list[dict]) -> str:
         return (f"**Dry run:** {len(plan.steps)} step(s) planned and nothing "
                 f"changed. The SQL is in migration.sql. To apply, set "
                 f"dry_run=False and confirm to the database name.")
+    if not applied:
+        return (f"**Nothing left to do:** another run applied Option {plan.option} "
+                f"while this one waited for the advisory lock.")
     retried = sum(record["attempts"] - 1 for record in applied)
     return (f"**Applied** {len(applied)} step(s) of Option {plan.option}"
             f" ({retried} retry(ies) after lock timeouts).")

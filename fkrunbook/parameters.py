@@ -105,9 +105,9 @@ def check_gate(conn: psycopg.Connection, dry_run: bool, confirm) -> str:
     if confirm != database:
         shown = "nothing" if confirm in (None, "") else repr(confirm)
         raise GateError(
-            f"dry_run is False but confirm is {shown}, not the target "
-            f"database {database!r}, so nothing was changed. Check that the "
-            f"target is the database you mean to change, then set "
-            f"confirm={database!r}."
+            f"A change needs confirmation, but confirm is {shown}, not the "
+            f"target database {database!r}, so nothing was changed. Check "
+            f"that the target is the database you mean to change, then set "
+            f"confirm={database!r} (--confirm {database} on the command line)."
         )
     return "apply"

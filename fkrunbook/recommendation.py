@@ -17,11 +17,13 @@ class Recommendation:
     remap_invoice_rows: bool
     headline: str
     reasons: list[str] = field(default_factory=list)
+    database: str = "DATABASE"
 
     @property
     def command(self) -> str:
         remap = " --remap-invoice-rows" if self.remap_invoice_rows else ""
-        return f"fkrunbook chain --option {self.option}{remap}"
+        return (f".venv/bin/fkrunbook chain --option {self.option}{remap} "
+                f"--confirm {self.database}")
 
     def as_dict(self) -> dict:
         return {"option": self.option,
@@ -31,13 +33,21 @@ class Recommendation:
 
 
 def recommend(keys: list[str], owners: dict[str, list[str]],
-              breaking: list[BreakingRows]) -> Recommendation:
+              breaking: list[BreakingRows], database: str = "DATABASE") -> Recommendation:
     """Recommend Option 1 only when every failing key and stored value fits it.
 
     Option 1 is safe when every failing key is an operator_contracts id and
     every stored value is one too, or can be remapped to one through
-    ``invoices.contract_id``. Anything else gets Option 2.
+    ``invoices.contract_id``. Anything else gets Option 2. ``database`` goes
+    into the command's ``--confirm``.
     """
+    advice = _choose(keys, owners, breaking)
+    advice.database = database
+    return advice
+
+
+def _choose(keys: list[str], owners: dict[str, list[str]],
+            breaking: list[BreakingRows]) -> Recommendation:
     reasons = []
     outside = [key for key in keys if CONTRACTS not in owners.get(key, [])]
     if outside:

@@ -14,7 +14,7 @@ import nbformat
 import papermill
 
 from . import connection
-from .chain import NOTEBOOKS, RECOVER_NOTEBOOK
+from .chain import KERNEL_ARGUMENTS, NOTEBOOKS, RECOVER_NOTEBOOK
 from .paths import OUTPUTS_DIR, RUNBOOKS_DIR
 from .runtime import utc_stamp
 
@@ -42,7 +42,8 @@ def main() -> int:
         executed = scratch / f"{name}.ipynb"
         scratch.mkdir(parents=True, exist_ok=True)
         papermill.execute_notebook(str(path), str(executed), kernel_name="python3",
-                                   cwd=str(RUNBOOKS_DIR), progress_bar=False)
+                                   cwd=str(RUNBOOKS_DIR), progress_bar=False,
+                                   extra_arguments=KERNEL_ARGUMENTS)
         strip_run_metadata(executed)
         path.write_bytes(executed.read_bytes())
     return 0

@@ -162,3 +162,11 @@ def test_demo_chain_report_names_root_cause(demo_run):
     text = (demo_run.output_dir / "report.md").read_text()
     assert "## Root cause" in text
     assert "collection_attempts_invoice_id_fkey" in text
+
+
+def test_chain_rerun_after_fix_passes(tmp_path, target):
+    run(tmp_path / "first", option=1, confirm=dbname(target))
+    result = run(tmp_path / "second", option=1, confirm=dbname(target))
+    assert result.summary["checks_passed"] is True
+    assert result.summary["checks"]["reproduced_23503"] is None
+    assert result.summary["changes"] == []

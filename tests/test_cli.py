@@ -68,20 +68,44 @@ def test_load_fixture_refuses_existing_tables(incident_db):
     assert "already has table(s)" in result.stderr
 
 
-def test_chain_unreachable_server_names_cell(tmp_path):
+def test_chain_unreachable_server_stops_first(tmp_path):
     url = "postgresql://oncall:hunter2-secret@127.0.0.1:1/collections"
     result = fkrunbook("chain", "--output-root", str(tmp_path), env={"DATABASE_URL": url})
-    assert result.returncode == 1
-    assert "01-reproduce failed in cell" in result.stderr
-    assert "TargetError: Could not connect to oncall@127.0.0.1:1/collections" in result.stderr
+    assert result.returncode == 2
+    assert "Could not connect to oncall@127.0.0.1:1/collections" in result.stderr
     assert "hunter2-secret" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_chain_unreachable_server_keeps_password_out_of_files(tmp_path):
-    url = "postgresql://oncall:hunter2-secret@127.0.0.1:1/collections"
-    fkrunbook("chain", "--output-root", str(tmp_path), env={"DATABASE_URL": url})
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    leaks = [p.name for p in files if "hunter2-secret" in p.read_text(errors="replace")]
-    assert len(files) >= 3
-    assert leaks == []
+def test_chain_without_target_refuses_demo(tmp_path):
+    result = fkrunbook("chain", "--confirm", "collections", "--output-root", str(tmp_path))
+    assert result.returncode == 2
+    assert "No target database is set" in result.stderr
+    assert "--demo" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chain_wrong_confirm_stops_before_notebooks(incident_db, tmp_path):
+    result = fkrunbook("chain", "--confirm", "production", "--output-root", str(tmp_path),
+                       env={"DATABASE_URL": incident_db})
+    assert result.returncode == 2
+    assert "confirm is 'production', not the target database" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chain_recover_needs_export_against_target(incident_db, tmp_path):
+    result = fkrunbook("chain", "--recover", "--output-root", str(tmp_path),
+                       env={"DATABASE_URL": incident_db})
+    assert result.returncode == 2
+    assert "--recover against a target needs --log-export" in result.stderr
+
+
+def test_chain_names_target_before_running(incident_db, tmp_path):
+    result = fkrunbook("chain", "--output-root", str(tmp_path),
+                       env={"DATABASE_URL": incident_db})
+    first = result.stdout.splitlines()[0]
+    assert result.returncode == 0, result.stderr
+    assert first.startswith("Target: postgres@")
+    assert "dry run: nothing is changed" in first
+    assert "[IPKernelApp]" not in result.stderr

@@ -135,3 +135,21 @@ def test_root_cause_flags_unknown_keys():
     failing = diagnosis.parse_log(EDGE_LOG)
     sentence = diagnosis.state_root_cause(failing, {KEY: []})
     assert "exist in no table" in sentence
+
+
+def test_judge_rejects_other_constraint():
+    failing = diagnosis.parse_log(EDGE_LOG)
+    results = [{"key": KEY, "outcome": "rejected", "sqlstate": "23503",
+                "constraint": "collection_attempts_customer_id_fkey"}]
+    judgement = diagnosis.judge_reproduction(failing, results)
+    assert judgement["reproduced"] is False
+    assert judgement["other_rejections"] == [
+        {"key": KEY, "constraint": "collection_attempts_customer_id_fkey"}]
+
+
+def test_judge_reports_fix_in_place():
+    failing = diagnosis.parse_log(EDGE_LOG)
+    results = [{"key": KEY, "outcome": "accepted", "sqlstate": None, "constraint": None}]
+    judgement = diagnosis.judge_reproduction(failing, results)
+    assert judgement["already_fixed"] is True
+    assert judgement["reproduced"] is False

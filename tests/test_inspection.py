@@ -119,7 +119,7 @@ def test_recommend_remap_when_rows_remappable():
     breaking = [inspection.BreakingRows("public.collection_attempts", 3, 3, None)]
     advice = recommendation.recommend([KEY], {KEY: ["public.operator_contracts"]}, breaking)
     assert (advice.option, advice.remap_invoice_rows) == (1, True)
-    assert advice.command == "fkrunbook chain --option 1 --remap-invoice-rows"
+    assert advice.command == ".venv/bin/fkrunbook chain --option 1 --remap-invoice-rows --confirm DATABASE"
 
 
 def test_recommend_option_two_when_rows_unremappable():
