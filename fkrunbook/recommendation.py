@@ -17,13 +17,14 @@ class Recommendation:
     remap_invoice_rows: bool
     headline: str
     reasons: list[str] = field(default_factory=list)
-    database: str = "DATABASE"
+    # None for a demo database, whose command is --demo instead of --confirm.
+    database: str | None = "DATABASE"
 
     @property
     def command(self) -> str:
         remap = " --remap-invoice-rows" if self.remap_invoice_rows else ""
-        return (f".venv/bin/fkrunbook chain --option {self.option}{remap} "
-                f"--confirm {self.database}")
+        target = "--demo" if self.database is None else f"--confirm {self.database}"
+        return f".venv/bin/fkrunbook chain --option {self.option}{remap} {target}"
 
     def as_dict(self) -> dict:
         return {"option": self.option,
@@ -33,7 +34,8 @@ class Recommendation:
 
 
 def recommend(keys: list[str], owners: dict[str, list[str]],
-              breaking: list[BreakingRows], database: str = "DATABASE") -> Recommendation:
+              breaking: list[BreakingRows],
+              database: str | None = "DATABASE") -> Recommendation:
     """Recommend Option 1 only when every failing key and stored value fits it.
 
     Option 1 is safe when every failing key is an operator_contracts id and
