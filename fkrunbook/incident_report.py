@@ -4,7 +4,8 @@ The report is built only from the files the notebooks wrote there:
 ``summary.json``, ``results/<step>.json``, ``constraints_before.json`` and
 ``migration.sql``. It is written twice, as ``report.md`` and as
 ``report.html``. A missing file leaves its section saying which file is
-missing. The target is described by host, port, database and user only.
+missing, and a chain that stopped at a failed notebook is named at the top.
+The target is described by host, port, database and user only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from . import report
 from .masking import mask_name
-from .recovery import describe_fk_state
+from .recovery import DEMO_SOURCE, describe_fk_state
 
 REPORT_TITLE = "Incident report: 23503 on collection_attempts_invoice_id_fkey"
 TARGET_FIELDS = ("host", "port", "database", "user")
@@ -132,10 +133,42 @@ def header_section(files: RunFiles) -> list:
     target = _target(files)
     where = ", ".join(f"{name} {target[name]}" for name in TARGET_FIELDS
                       if target.get(name) is not None) or "not recorded"
-    option = (files.summary or {}).get("option") or files.result("migrate").get("option")
-    return [Heading(1, REPORT_TITLE),
-            Paragraph(f"Output folder: {files.folder.name}. Target: {where}. "
-                      f"Fix chosen: Option {option or '(not recorded)'}.")]
+    blocks = [Heading(1, REPORT_TITLE),
+              Paragraph(f"Output folder: {files.folder.name}. Target: {where}. "
+                        f"{_fix_sentence(files)}")]
+    summary = files.summary or {}
+    if summary.get("failed"):
+        blocks += _failure_blocks(summary)
+    return blocks
+
+
+def _fix_sentence(files: RunFiles) -> str:
+    migrate = files.result("migrate")
+    option = migrate.get("option") or (files.summary or {}).get("option")
+    if not option:
+        return "Fix chosen: (not recorded)."
+    if not migrate:
+        return (f"Option {option} was requested, but the migrate notebook did "
+                f"not run, so no fix was applied.")
+    return f"Fix chosen: Option {option}."
+
+
+def _failure_blocks(summary: dict) -> list:
+    # The chain stores "<notebook> failed in cell <n>: <error>" and then
+    # "Executed notebook: <path>" on a second line.
+    lines = [line for line in str(summary["failed"]).splitlines() if line.strip()]
+    notebooks = summary.get("notebooks") or []
+    blocks = [Heading(2, "Run failed"),
+              Paragraph(f"The chain stopped: {lines[0] if lines else 'no message recorded'}")]
+    blocks += [Paragraph(line) for line in lines[1:]]
+    blocks.append(Table(["notebook", "status", "seconds"],
+                        [[item.get("notebook"), item.get("status"), item.get("seconds")]
+                         for item in notebooks]))
+    blocks.append(Paragraph(
+        "The chain stops at the first notebook that fails, so the notebooks "
+        "after it did not run, and the sections below show only what the "
+        "notebooks listed above recorded."))
+    return blocks
 
 
 def timeline_section(files: RunFiles) -> list:
@@ -236,15 +269,7 @@ def evidence_section(files: RunFiles) -> list:
         blocks.append(_missing("constraints_before.json"))
 
     blocks.append(Heading(3, "Constraints after the fix"))
-    after = files.result("migrate").get("constraints_after")
-    if after is not None:
-        rows = [[fk["table_name"], fk["columns"], fk["constraint_name"],
-                 fk["referenced_table"], fk["definition"], fk["validated"]] for fk in after]
-        blocks.append(Table(["table", "columns", "constraint", "references",
-                             "definition", "validated"], rows))
-    else:
-        blocks.append(_missing("results/migrate.json"))
-    blocks += _column_state_after(files)
+    blocks += _constraints_after(files)
     blocks += _key_blocks(files)
     return blocks
 
@@ -257,15 +282,23 @@ def _column_table(columns: list[dict]) -> Table:
                   "definition", "validated"], rows)
 
 
-def _column_state_after(files: RunFiles) -> list:
-    # The FK list above does not show NOT NULL, which Option 2 drops.
-    columns_after = files.result("migrate").get("columns_after")
-    if columns_after:
-        return [_column_table(columns_after)]
+def _constraints_after(files: RunFiles) -> list:
+    # The per-column table also shows NOT NULL, which Option 2 drops, so it
+    # replaces migrate's FK list when the notebook recorded both.
+    migrate = files.result("migrate")
+    if migrate.get("columns_after"):
+        return [_column_table(migrate["columns_after"])]
+    after = migrate.get("constraints_after")
+    if after is not None:
+        rows = [[fk["table_name"], fk["columns"], fk["constraint_name"],
+                 fk["referenced_table"], fk["definition"], fk["validated"]] for fk in after]
+        return [Table(["table", "columns", "constraint", "references",
+                       "definition", "validated"], rows)]
+    blocks = [_missing("results/migrate.json")]
     fk_state = files.result("recover").get("fk_state")
     if fk_state:
-        return [Paragraph(f"Read by the recover notebook: {describe_fk_state(fk_state)}")]
-    return []
+        blocks.append(Paragraph(f"Read by the recover notebook: {describe_fk_state(fk_state)}"))
+    return blocks
 
 
 def _key_blocks(files: RunFiles) -> list:
@@ -350,10 +383,13 @@ def recovery_section(files: RunFiles, show_names: bool) -> list:
         return blocks + [Paragraph(
             "The recover notebook did not run for this folder "
             "(no results/recover.json), so the lost attempts are not counted.")]
+    source = recover["source"]
+    origin = f"the {DEMO_SOURCE}" if source == DEMO_SOURCE else source
     blocks.append(Paragraph(
-        f"{recover['records']} record(s) read from the {recover['source']} "
+        f"{recover['records']} record(s) read from {origin} "
         f"({recover['export_format']}), pairing window {recover['pairing_window_s']:g} s. "
         f"{recover['lost']} lost attempt(s): {_recovery_figures(recover)}."))
+    blocks += [Paragraph(f"Warning: {warning}") for warning in recover.get("warnings") or []]
     if recover.get("blocked"):
         blocks.append(Paragraph(f"Not inserted: {recover['blocked']}"))
     blocks.append(Table(["log records and outcomes", "count"],

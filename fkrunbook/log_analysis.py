@@ -26,7 +26,7 @@ import pandas as pd
 from . import diagnosis
 from .errors import ParameterError
 from .js_literal import LiteralError, parse_js_object
-from .logexport import LogRecord, Unparsed, load_records
+from .logexport import LogRecord, Unparsed, load_records, read_csv_header
 from .masking import mask_message, mask_phone
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,12 @@ OUTCOME_MEANINGS = {
     UNPAIRED_FK_VIOLATION: "23503 with no matching request (not recovered)",
     UNPAIRED_OTHER_ERROR: "other registering error with no matching request",
 }
+
+EXPORT_HINT = (
+    "Export the edge function's logs from the hosting dashboard again, as CSV "
+    "with a comma separator or as JSON, with the columns timestamp and "
+    "event_message, and give that file's path."
+)
 
 
 # --- classifying the lines --------------------------------------------------
@@ -316,6 +322,10 @@ class LogAnalysis:
     unpaired: list[dict]
     first_failure: dt.datetime | None
     last_failure: dt.datetime | None
+    # The export's file path, set by ``read_export``.
+    source: str | None = None
+    # The header row of a CSV export, for the message of ``check_parsed``.
+    csv_header: list[str] | None = None
 
     def lost_frame(self) -> pd.DataFrame:
         """Return the lost attempts, oldest first, one row each."""
@@ -399,7 +409,41 @@ def analyse_export(text: str, pairing_window_s=DEFAULT_PAIRING_WINDOW_S) -> LogA
         export_format, total, window_s, dict(classified.counts), outcomes,
         dict(Counter(how for _, how in pairs.values())), lost, unparsed,
         [_describe_unpaired(e, window_s) for e in unpaired if e.is_fk_violation],
-        failures[0] if failures else None, failures[-1] if failures else None)
+        failures[0] if failures else None, failures[-1] if failures else None,
+        csv_header=read_csv_header(text) if export_format == "csv" else None)
+
+
+def check_parsed(analysis: LogAnalysis, source: str) -> None:
+    """Raise ``ParameterError`` if the export has no record, or none that parsed.
+
+    An export the parser could not read would otherwise count 0 lost
+    attempts, which reads as "nothing was lost". ``source`` names the
+    export in the message, for example ``log_export '/tmp/logs.csv'``.
+    """
+    if analysis.records == 0:
+        raise ParameterError(
+            f"No record was found in {source} (read as {analysis.export_format}), "
+            f"so the lost attempts cannot be counted and nothing was inserted. "
+            f"{EXPORT_HINT}")
+    if analysis.counts[UNPARSED] < analysis.records:
+        return
+    reasons = Counter(item.reason for item in analysis.unparsed)
+    listed = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+    # The header is described, not shown, because a file without one has a
+    # log line there, which may contain a phone number.
+    header = ""
+    if analysis.csv_header is not None:
+        names = {name.strip().lower() for name in analysis.csv_header}
+        missing = [name for name in ("timestamp", "event_message") if name not in names]
+        header = f" The CSV header has {len(analysis.csv_header)} column(s)"
+        header += f" and no column named {' or '.join(missing)}." if missing else "."
+        if any(";" in name for name in analysis.csv_header):
+            header += " It contains semicolons, so the file looks semicolon-separated."
+    raise ParameterError(
+        f"No record of {source} could be parsed: all {analysis.records} "
+        f"record(s) are invalid (read as {analysis.export_format}; reasons: "
+        f"{listed}), so the lost attempts cannot be counted and nothing was "
+        f"inserted.{header} {EXPORT_HINT}")
 
 
 def _collect_outcomes(requests, pairs, unpaired) -> tuple[dict, list[LostAttempt]]:
@@ -455,7 +499,9 @@ def read_export(path, pairing_window_s=DEFAULT_PAIRING_WINDOW_S) -> LogAnalysis:
             f"log_export {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
             f"{exc.start}); export it again as CSV or JSON."
         ) from None
-    return analyse_export(text, pairing_window_s)
+    analysis = analyse_export(text, pairing_window_s)
+    analysis.source = str(path)
+    return analysis
 
 
 def check_export_path(log_export) -> None:

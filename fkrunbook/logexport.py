@@ -142,6 +142,14 @@ def _rows_from_csv(text: str):
         yield reader.line_num, None, f"invalid CSV ({exc})"
 
 
+def read_csv_header(text: str) -> list[str]:
+    """Return the header row of a CSV export, or an empty list if it has none."""
+    try:
+        return next(csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")), [])
+    except csv.Error:
+        return []
+
+
 def _metadata_items(row: dict) -> list[dict]:
     metadata = row.get("metadata")
     if isinstance(metadata, str) and metadata.strip()[:1] in ("{", "["):

@@ -467,12 +467,30 @@ def save_state(conn: psycopg.Connection, plan: Plan, options: MigrationOptions,
         logger.info("keeping the constraint definitions already saved in %s", output_dir)
         return paths
     paths["constraints_before"].write_text(json.dumps(
-        {"database": conn.info.dbname, "option": plan.option,
+        {"database": conn.info.dbname, "server": server_identity(conn),
+         "option": plan.option,
          "columns": [state.as_dict() for state in plan.before]}, indent=2) + "\n")
     paths["migration_sql"].write_text(render_sql(conn, plan, options))
     paths["rollback_sql"].write_text(render_rollback(conn, plan.before, options))
     logger.info("saved constraint definitions and rollback SQL in %s", output_dir)
     return paths
+
+
+def server_identity(conn: psycopg.Connection) -> dict:
+    """Return host, port and system identifier, so a rollback can tell servers apart.
+
+    The identifier is text because it may exceed 2**53, past which JSON
+    readers such as JavaScript lose digits. It is None when this role may
+    not call pg_control_system().
+    """
+    try:
+        with conn.transaction():
+            identifier = conn.execute(
+                "SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
+        identifier = None
+    return {"host": conn.info.host, "port": conn.info.port,
+            "system_identifier": identifier}
 
 
 def render_rollback(conn: psycopg.Connection, before: list[ColumnState],

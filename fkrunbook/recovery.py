@@ -22,14 +22,26 @@ from psycopg import errors, sql
 from . import catalog, diagnosis, migration, parameters
 from .demo_logs import DEMO_COLLECTOR_ID, demo_export
 from .errors import ParameterError, PreflightError
-from .log_analysis import (DEFAULT_PAIRING_WINDOW_S, FK_COLUMN, FK_TABLE, LOST,
-                           SUCCEEDED, UNPARSED, LogAnalysis, LostAttempt,
-                           analyse_export, read_export)
+from .log_analysis import (DEFAULT_PAIRING_WINDOW_S, FK_COLUMN, FK_TABLE, FK_VIOLATION,
+                           LOST, REQUEST, SUCCEEDED, UNPARSED, LogAnalysis,
+                           LostAttempt, analyse_export, check_parsed, read_export)
 from .masking import mask_name
 
 logger = logging.getLogger(__name__)
 
 RECOVERED_NOTE_PREFIX = "Recovered from edge function logs"
+
+# The source of the export that demo mode generates when log_export is empty.
+DEMO_SOURCE = "synthetic demo export"
+
+
+def export_name(source: str | None) -> str:
+    """Return how a message names an export: its log_export path, or the demo export."""
+    if source == DEMO_SOURCE:
+        return f"the {DEMO_SOURCE}"
+    if source is None:
+        return "the log export"
+    return f"log_export {source!r}"
 
 
 # --- counts and chart ---------------------------------------------------------
@@ -258,10 +270,12 @@ def recover(conn: psycopg.Connection, analysis: LogAnalysis, collector_id: str,
     Inserts only with ``dry_run=False`` and ``confirm`` equal to the target
     database (``parameters.check_gate``). While the app's insert is still
     rejected for any key, nothing is inserted and ``blocked`` names the fix
-    to apply first. An apply run then raises ``PreflightError``, unless
+    to apply first. An export with no parsed record raises
+    ``ParameterError`` before anything is read or inserted. An apply run then raises ``PreflightError``, unless
     ``raise_when_blocked`` is false. The notebook passes false so that it
     can record the outcome before ``require_unblocked`` raises.
     """
+    check_parsed(analysis, export_name(analysis.source))
     collector_id = parameters.to_uuid("collector_id", collector_id)
     mode = parameters.check_gate(conn, dry_run, confirm)
     database = conn.info.dbname
@@ -302,11 +316,34 @@ def _status(attempt_id: str, present: set, inserted: set, mode: str, blocked) ->
 def describe_export(source: str, analysis: LogAnalysis) -> str:
     """Return one paragraph on what the export contains."""
     paired = ", ".join(f"{count} by {how}" for how, count in sorted(analysis.paired_by.items()))
-    return (f"Read **{analysis.records}** record(s) from the {source} "
+    origin = f"the {DEMO_SOURCE}" if source == DEMO_SOURCE else f"`{source}`"
+    return (f"Read **{analysis.records}** record(s) from {origin} "
             f"({analysis.export_format}): **{analysis.outcomes[LOST]}** lost "
             f"attempt(s), {analysis.outcomes[SUCCEEDED]} request(s) with no "
             f"error after them, {analysis.counts[UNPARSED]} record(s) not "
             f"parsed. Errors paired with their request: {paired or 'none'}.")
+
+
+def export_warnings(analysis: LogAnalysis) -> list[str]:
+    """Return warnings on an export that parsed but cannot show a lost attempt.
+
+    An export with no "Received request" line gives 0 lost attempts whether
+    or not messages were lost, for example when it contains another
+    function's logs or was filtered to errors only.
+    """
+    if analysis.counts[REQUEST]:
+        return []
+    parsed = analysis.records - analysis.counts[UNPARSED]
+    warning = (f"The export has {parsed} parsed record(s) but no \"Received "
+               f"request\" line, so it cannot show a lost attempt, and 0 lost "
+               f"attempts here does not mean that none were lost.")
+    if analysis.counts[FK_VIOLATION]:
+        warning += (f" Its {analysis.counts[FK_VIOLATION]} 23503 line(s) have no "
+                    f"request to pair with, so their attempts cannot be rebuilt.")
+    warning += (" Export the logs of the edge function that sends the messages "
+                "(it logs \"Received request: {...}\" before calling n8n), over "
+                "the incident's time range and with no search or level filter.")
+    return [warning]
 
 
 def describe_outcome(outcome: RecoveryOutcome) -> str:
@@ -327,6 +364,10 @@ def describe_outcome(outcome: RecoveryOutcome) -> str:
 
 def describe_conclusion(analysis: LogAnalysis, outcome: RecoveryOutcome) -> str:
     """Return the closing sentence of the recover notebook."""
+    if not analysis.counts[REQUEST]:
+        return ("**No lost attempt found, but the export has no Received "
+                "request line** (see the warning in step 2), so it cannot show "
+                "whether attempts were lost. Nothing was recovered.")
     if not analysis.lost:
         return "**No lost attempt** in this export, so nothing was recovered."
     first, last = analysis.lost[0].sent_at, analysis.lost[-1].sent_at
@@ -367,6 +408,7 @@ def result_record(source: str, analysis: LogAnalysis, outcome: RecoveryOutcome,
         "first_failure": analysis.first_failure, "last_failure": analysis.last_failure,
         "unparsed": [asdict(item) for item in analysis.unparsed],
         "unpaired": analysis.unpaired,
+        "warnings": export_warnings(analysis),
         "mode": outcome.mode, "lost": outcome.lost, "inserted": outcome.inserted,
         "already_present": outcome.already_present, "blocked": outcome.blocked,
         "fk_state": outcome.fk_state,
@@ -392,12 +434,20 @@ def resolve_collector(collector_id, is_demo: bool) -> str:
 
 def load_export(log_export, conn: psycopg.Connection, is_demo: bool,
                 pairing_window_s=DEFAULT_PAIRING_WINDOW_S) -> tuple[str, LogAnalysis]:
-    """Return (source, analysis) of ``log_export``, or of the demo export if empty."""
+    """Return (source, analysis) of ``log_export``, or of the demo export if empty.
+
+    Raises ``ParameterError`` when the export has no record or none parsed
+    (``log_analysis.check_parsed``).
+    """
     if log_export not in (None, ""):
-        return str(log_export), read_export(log_export, pairing_window_s)
-    if not is_demo:
+        analysis = read_export(log_export, pairing_window_s)
+    elif is_demo:
+        analysis = analyse_export(demo_export(conn), pairing_window_s)
+        analysis.source = DEMO_SOURCE
+    else:
         raise ParameterError(
             "log_export is empty. Give the path of the edge function's log "
             "export (CSV or JSON from the dashboard), because only demo mode "
             "generates a synthetic export.")
-    return "synthetic demo export", analyse_export(demo_export(conn), pairing_window_s)
+    check_parsed(analysis, export_name(analysis.source))
+    return analysis.source, analysis

@@ -95,5 +95,6 @@ def write_summary(output_dir: Path, summary: dict) -> Path:
 def recover_complete(recover: dict) -> bool:
     """Return whether the recover step inserted or found every lost attempt."""
     return (recover.get("mode") == "apply" and not recover.get("blocked")
+            and not recover.get("warnings")
             and (recover.get("inserted") or 0) + (recover.get("already_present") or 0)
             == (recover.get("lost") or 0))

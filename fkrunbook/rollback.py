@@ -28,7 +28,7 @@ from . import locks, migration
 from .catalog import Table
 from .errors import ParameterError, PreflightError, RunbookError
 from .saved_state import (STATE_FILE, SavedColumn, SavedForeignKey, SavedState,
-                          saved_state_path)
+                          find_changed_columns, saved_state_path)
 
 # TODO: move tests/test_faults.py and tests/test_pg15.py to
 # saved_state.load_saved_state, then drop this re-export.
@@ -58,6 +58,9 @@ class RestorePlan:
     steps: list[migration.Step]
     preflight: pd.DataFrame
     rejections: list[str] = field(default_factory=list)
+    # Set when the saved state is not the incident state (see
+    # ``describe_changed_state``). The restore still goes ahead.
+    saved_state_warning: str | None = None
 
     @property
     def nothing_to_do(self) -> bool:
@@ -189,8 +192,8 @@ def _count_rejected(conn: psycopg.Connection, saved: SavedColumn,
                         "check": f"{column} values not in {target}", "rows": rows})
     if rows:
         plan.rejections.append(
-            f"{table.qualified}: {rows} row(s) hold a {column} value that is "
-            f"not in {target}, so restoring {fk.name} would fail at VALIDATE "
+            f"{table.qualified}: {rows} row(s) have a value in {column} that "
+            f"is not in {target}, so restoring {fk.name} would fail at VALIDATE "
             f"CONSTRAINT, and nothing was changed. Such rows were written after "
             f"the fix, when {column} stores operator_contracts ids, and the "
             f"old FK rejects them. Keep the fix in place, or delete or correct "
@@ -270,6 +273,23 @@ def _table_steps(saved: SavedColumn, plan: _TablePlan) -> list[list[migration.St
 PREFLIGHT_COLUMNS = ["table_name", "constraint_name", "check", "rows"]
 
 
+def describe_changed_state(saved: SavedState) -> str | None:
+    """Return a warning when the saved state already had part of a fix, else None."""
+    findings = find_changed_columns(saved)
+    if not findings:
+        return None
+    return (
+        f"The saved state is not the incident state: {'; '.join(findings)}. "
+        f"The migrate run that wrote {saved.path} started after an earlier run "
+        f"had already changed these constraints (for example a re-run after a "
+        f"lock timeout, in a new output folder), so this restore brings back "
+        f"that partly migrated state, not the original constraints. The "
+        f"earlier run's output folder has the original definitions in its "
+        f"{STATE_FILE}: set run_dir to that folder. Go on with this file only "
+        f"if this state is the one you want back."
+    )
+
+
 def plan_restore(conn: psycopg.Connection, saved: SavedState) -> RestorePlan:
     """Read the current state and return the steps that restore ``saved``.
 
@@ -291,7 +311,8 @@ def plan_restore(conn: psycopg.Connection, saved: SavedState) -> RestorePlan:
 
     steps = [step for phase in phases for step in phase]
     preflight = pd.DataFrame(checks, columns=PREFLIGHT_COLUMNS)
-    return RestorePlan(saved, current, steps, preflight, rejections)
+    return RestorePlan(saved, current, steps, preflight, rejections,
+                       describe_changed_state(saved))
 
 
 def check_preflight(plan: RestorePlan) -> None:

@@ -6,23 +6,30 @@ is matched against the catalog, and each FK definition must be a plain
 UPDATE, ON DELETE and DEFERRABLE clauses. The SQL is rebuilt from the
 parsed parts with ``psycopg.sql.Identifier``, and the saved text itself
 is never run.
+
+The file must come from the target: its ``database`` must equal
+``current_database()``, and its optional ``server`` object (``host``,
+``port``, ``system_identifier``) must match the target's where both sides
+have a value. A file without ``server`` passes with a warning that only the
+database name was checked.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
 from . import catalog, migration
 from .catalog import Table
 from .errors import ParameterError, TargetError
 
 STATE_FILE = "constraints_before.json"
+SERVER_FIELDS = ("host", "port", "system_identifier")
 
 # pg_constraint.confdeltype codes and their referential actions.
 ACTION_CODES = {
@@ -122,6 +129,11 @@ class SavedState:
     database: str
     option: int
     columns: list[SavedColumn]
+    # The file's "server" object with each value as text, or None when the
+    # file has none.
+    server: dict[str, str | None] | None = None
+    # What the checks could not prove, for the notebook to display.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def states(self) -> list[migration.ColumnState]:
@@ -204,6 +216,98 @@ def check_database(conn: psycopg.Connection, path: Path, database: str) -> None:
             f"{current!r}, so nothing was changed. Point the target at "
             f"{database!r}, or use the migrate run of {current!r}."
         )
+
+
+def read_system_identifier(conn: psycopg.Connection) -> str | None:
+    """Return the target's ``pg_control_system().system_identifier`` as text.
+
+    Returns None when the role may not run ``pg_control_system()``, which
+    managed services can revoke. The savepoint keeps an open transaction
+    usable after that error.
+    """
+    try:
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    except (errors.InsufficientPrivilege, errors.UndefinedFunction):
+        return None
+    return row[0]
+
+
+def parse_server(path: Path, data: dict) -> dict[str, str | None] | None:
+    """Return the file's ``server`` object with its values as text, or None if absent."""
+    server = data.get("server")
+    if server is None:
+        return None
+    if not isinstance(server, dict):
+        raise ParameterError(
+            f"{path}: 'server' must be an object with {', '.join(SERVER_FIELDS)}, "
+            f"got {server!r}. Use the file as the migrate run wrote it."
+        )
+    values = {}
+    for name in SERVER_FIELDS:
+        value = server.get(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int, type(None))):
+            raise ParameterError(
+                f"{path}: server {name!r} must be text, a number or null, got "
+                f"{value!r}. Use the file as the migrate run wrote it."
+            )
+        values[name] = None if value in (None, "") else str(value)
+    return values
+
+
+def _describe_server(values: dict) -> str:
+    parts = [f"{name} {values[name]}" for name in SERVER_FIELDS if values.get(name)]
+    return ", ".join(parts) or "no host, port or system_identifier"
+
+
+def check_server(conn: psycopg.Connection, path: Path, database: str,
+                 server: dict[str, str | None] | None) -> list[str]:
+    """Raise ``TargetError`` unless the file was saved from the target server.
+
+    A saved ``system_identifier`` decides when the target's can be read, and
+    host and port are compared otherwise. Returns warnings on what could not
+    be checked, for example a file that has no ``server`` object.
+    """
+    current = {"host": conn.info.host, "port": str(conn.info.port),
+               "system_identifier": None}
+    only_database = (
+        f"{path.name} has no 'server' object (host, port, system_identifier), "
+        f"so only the database name {database!r} was checked against the "
+        f"target. Check that the target shown in step 1 is the server that "
+        f"the migrate run changed.")
+    if server is None or not any(server.values()):
+        return [only_database]
+
+    warnings = []
+    if server["system_identifier"] is not None:
+        current["system_identifier"] = read_system_identifier(conn)
+        if current["system_identifier"] == server["system_identifier"]:
+            return []
+        if current["system_identifier"] is not None:
+            raise TargetError(
+                f"{path} was saved from the server with {_describe_server(server)}, "
+                f"but the target has {_describe_server(current)}, so it is "
+                f"another PostgreSQL cluster and nothing was changed. Point the "
+                f"target at the server that the migrate run changed, or use the "
+                f"output folder of a migrate run on this server."
+            )
+        warnings.append(
+            "The role may not run pg_control_system(), so the target's "
+            "system_identifier could not be compared with the saved one, and "
+            "the server was checked by host and port only.")
+
+    differ = [name for name in ("host", "port")
+              if server[name] is not None and server[name] != current[name]]
+    if differ:
+        raise TargetError(
+            f"{path} was saved from {_describe_server(server)}, but the target "
+            f"is {_describe_server(current)}, so nothing was changed. Check the "
+            f"target (DATABASE_URL, PGHOST, PGPORT or PGSERVICE). If it is the "
+            f"same server reached under another name or address, connect with "
+            f"the saved host and port so that this check can confirm it."
+        )
+    return warnings
 
 
 def parse_foreign_key(conn: psycopg.Connection, path: Path, table: Table,
@@ -333,14 +437,16 @@ def load_saved_state(conn: psycopg.Connection, run_dir) -> SavedState:
     """Read and validate the constraints_before.json of ``run_dir``.
 
     Raises ``ParameterError`` naming the file and the problem, or
-    ``TargetError`` when the file was saved from another database.
+    ``TargetError`` when the file was saved from another database or server.
     """
     path = saved_state_path(run_dir)
     data = read_state_file(path)
     database = _require_field(path, "the file", data, "database", str)
     option = _require_field(path, "the file", data, "option", int)
     columns = _require_field(path, "the file", data, "columns", list)
+    server = parse_server(path, data)
     check_database(conn, path, database)
+    warnings = check_server(conn, path, database, server)
     if option not in (1, 2):
         raise ParameterError(f"{path}: option must be 1 or 2, got {option!r}.")
     if not columns:
@@ -350,4 +456,29 @@ def load_saved_state(conn: psycopg.Connection, run_dir) -> SavedState:
     keys = [(column.table.qualified, column.column) for column in parsed]
     if len(set(keys)) != len(keys):
         raise ParameterError(f"{path}: a column is listed twice: {keys}.")
-    return SavedState(path, database, option, parsed)
+    return SavedState(path, database, option, parsed, server, warnings)
+
+
+def find_changed_columns(saved: SavedState) -> list[str]:
+    """List the saved columns and FKs that a migration had already changed.
+
+    The incident state has each column NOT NULL with a validated FK to
+    invoices. A saved FK that references operator_contracts or is NOT
+    VALID, or a column with no FK, shows that an earlier run had begun the
+    fix before this file was saved. A re-run after a lock timeout, into a
+    new output folder, saves such a file.
+    """
+    findings = []
+    for column in saved.columns:
+        where = f"{column.table.qualified}.{column.column}"
+        if not column.foreign_keys:
+            nullable = "" if column.not_null else " and is nullable"
+            findings.append(f"{where} has no FK{nullable}, as Option 2 leaves it")
+        for fk in column.foreign_keys:
+            if fk.referenced.name == catalog.REFERENCED_CONTRACTS:
+                state = "" if fk.validated else " and is NOT VALID"
+                findings.append(f"{where}: {fk.name} references "
+                                f"{fk.referenced.qualified}{state}")
+            elif not fk.validated:
+                findings.append(f"{where}: {fk.name} is NOT VALID")
+    return findings

@@ -18,8 +18,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from fkrunbook import (connection, demo, demo_logs, incident_report, log_analysis, masking,
-                       recovery, report)
+from fkrunbook import (chain, connection, demo, demo_logs, incident_report, log_analysis,
+                       masking, recovery, report)
 from fkrunbook.paths import RUNBOOKS_DIR
 from fkrunbook.runtime import utc_stamp
 
@@ -137,13 +137,25 @@ def test_report_customer_counts_equal_database(report_run, report_db):
 def test_report_constraints_after_equal_catalog(report_run, report_db):
     rows = markdown_table(read_markdown(report_run[0]), "### Constraints after the fix")
     stored = report_db.execute(
-        "SELECT conname, confrelid::regclass::text, pg_get_constraintdef(oid)"
-        " FROM pg_constraint WHERE contype = 'f'"
-        " AND conrelid IN ('collection_attempts'::regclass, 'payment_promises'::regclass)"
-        " ORDER BY conname").fetchall()
-    reported = sorted((row["constraint"], row["references"], row["definition"])
+        "SELECT a.attrelid::regclass::text, a.attnotnull::text, c.conname,"
+        " c.confrelid::regclass::text, pg_get_constraintdef(c.oid)"
+        " FROM pg_attribute a JOIN pg_constraint c ON c.conrelid = a.attrelid"
+        " AND c.contype = 'f' AND c.conkey = ARRAY[a.attnum]"
+        " WHERE a.attname = 'invoice_id'"
+        " AND a.attrelid IN ('collection_attempts'::regclass, 'payment_promises'::regclass)"
+        " ORDER BY c.conname").fetchall()
+    reported = sorted((row["table"].removeprefix("public."), row["not null"].lower(),
+                       row["constraint"], row["references"], row["definition"])
                       for row in rows)
     assert reported == stored
+
+
+def test_report_constraints_after_is_one_table(report_run):
+    text = read_markdown(report_run[0])
+    section = text.split("### Constraints after the fix", 1)[1].split("\n#", 1)[0]
+    header_rows = [line for line in section.splitlines() if line.startswith("| table |")]
+    assert len(header_rows) == 1
+    assert "not null" in header_rows[0]
 
 
 def test_report_constraints_before_equal_incident(report_run, pg_server, template_db):
@@ -290,6 +302,42 @@ def test_report_fix_time_missing(report_run, tmp_path):
     rows = markdown_table(read_markdown(folder), "## Timeline")
     times = {row["event"]: row["time"] for row in rows}
     assert times["Fix applied (Option 1)"] == "applied; the time was not recorded"
+
+
+def test_report_names_demo_export(report_run):
+    text = read_markdown(report_run[0])
+    assert "record(s) read from the synthetic demo export (json lines)" in text
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory):
+    """Run the demo chain with a key that reproduce rejects; return its folder."""
+    root = tmp_path_factory.mktemp("failed")
+    bad_keys = {"01-reproduce": {"keys": ["not-a-uuid"]}}
+    with pytest.raises(chain.ChainFailed) as raised:
+        chain.run_chain(option=1, use_demo=True, output_root=root,
+                        extra_parameters=bad_keys, progress=lambda line: None)
+    return raised.value.output_dir
+
+
+def test_report_failed_run_says_so_first(failed_run):
+    text = read_markdown(failed_run)
+    summary = json.loads((failed_run / "summary.json").read_text())
+    first_line = summary["failed"].splitlines()[0]
+    assert text.index("## Run failed") < text.index("## Timeline")
+    assert incident_report.escape_markdown(f"The chain stopped: {first_line}") in text
+    assert "01-reproduce failed in cell" in text
+
+
+def test_report_failed_run_lists_notebooks(failed_run):
+    rows = markdown_table(read_markdown(failed_run), "## Run failed")
+    assert [(row["notebook"], row["status"]) for row in rows] == [("01-reproduce", "failed")]
+
+
+def test_report_failed_run_claims_no_fix(failed_run):
+    text = read_markdown(failed_run)
+    assert "Fix chosen" not in text
+    assert "Option 1 was requested, but the migrate notebook did not run" in text
 
 
 def test_report_missing_folder(tmp_path):

@@ -242,8 +242,7 @@ def test_cli_wrong_password_says_authentication_failed(server, database, tmp_pat
     url = server.url(dbname(database), password=wrong)
     result = fkrunbook_cli("chain", "--output-root", str(tmp_path),
                            "--confirm", dbname(database), env={"DATABASE_URL": url})
-    assert result.returncode == 1
-    assert "01-reproduce failed in cell" in result.stderr
+    assert result.returncode == 2
     assert "password authentication failed" in result.stderr
     assert f"{server.user}@127.0.0.1:{server.port}/{dbname(database)}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -259,7 +258,7 @@ def test_cli_wrong_pgpassword_on_socket_hides_it(server, database, tmp_path):
            "PGUSER": server.user, "PGDATABASE": dbname(database),
            "PGPASSWORD": wrong}
     result = fkrunbook_cli("chain", "--output-root", str(tmp_path), env=env)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "password authentication failed" in result.stderr
     assert "Traceback" not in result.stderr
     assert wrong not in result.stderr + result.stdout
@@ -270,7 +269,7 @@ def test_cli_missing_database_is_named(server, tmp_path):
     url = server.url("no_such_database")
     result = fkrunbook_cli("chain", "--output-root", str(tmp_path),
                            env={"DATABASE_URL": url})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert 'database "no_such_database" does not exist' in result.stderr
     assert "Traceback" not in result.stderr
     assert server.password not in result.stderr + result.stdout

@@ -852,3 +852,106 @@ def test_collector_required_outside_demo():
         recovery.resolve_collector("", is_demo=False)
     assert recovery.resolve_collector("", is_demo=True) == demo_logs.DEMO_COLLECTOR_ID
     assert re.fullmatch(r"[0-9a-f-]{36}", recovery.resolve_collector(COLLECTOR_ID, False))
+
+
+# --- exports that cannot show lost attempts -----------------------------------
+
+def to_semicolon_csv(rows: list[Row]) -> str:
+    """Return the export as a spreadsheet in a comma-decimal locale saves it."""
+    out = io.StringIO()
+    writer = csv.writer(out, delimiter=";")
+    writer.writerow(["timestamp", "event_message", "metadata"])
+    for row in rows:
+        writer.writerow([iso(row.time), row.message, json.dumps({"function_id": row.function_id})])
+    return out.getvalue()
+
+
+UNREADABLE_EXPORTS = {
+    "empty file": (lambda rows: "", "No record was found"),
+    "csv header only": (lambda rows: "timestamp,event_message\n", "No record was found"),
+    "empty json array": (lambda rows: "[]", "No record was found"),
+    "semicolon csv": (to_semicolon_csv, "semicolon-separated"),
+    "garbage": (lambda rows: "\x7fELF\x02\x01\nnot, a, log\n" * 5, "could be parsed"),
+}
+
+
+def write_export(tmp_path, export_case, name: str):
+    serialise, _ = UNREADABLE_EXPORTS[name]
+    path = tmp_path / "logs.csv"
+    path.write_text(serialise(export_case.rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE_EXPORTS))
+def test_recover_rejects_unreadable_export(conn, tmp_path, export_case, name):
+    apply_option(conn, 1)
+    path = write_export(tmp_path, export_case, name)
+    analysis = log_analysis.read_export(path)
+    before = attempt_count(conn)
+    with pytest.raises(ParameterError) as raised:
+        recovery.recover(conn, analysis, COLLECTOR_ID, False, conn.info.dbname)
+    message = str(raised.value)
+    assert UNREADABLE_EXPORTS[name][1] in message
+    assert str(path) in message
+    assert "comma separator or as JSON" in message
+    assert "timestamp and event_message" in message
+    assert attempt_count(conn) == before
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE_EXPORTS))
+def test_load_export_rejects_unreadable_export(conn, tmp_path, export_case, name):
+    path = write_export(tmp_path, export_case, name)
+    with pytest.raises(ParameterError, match=UNREADABLE_EXPORTS[name][1]):
+        recovery.load_export(str(path), conn, is_demo=False)
+
+
+def test_unreadable_export_counts_records(conn, tmp_path, export_case):
+    path = write_export(tmp_path, export_case, "semicolon csv")
+    with pytest.raises(ParameterError) as raised:
+        recovery.load_export(str(path), conn, is_demo=False)
+    message = str(raised.value)
+    # Quoted multi-line messages split into more CSV rows than the export
+    # has records, so only the shape of the count is checked.
+    assert re.search(r"all [1-9]\d* record\(s\) are invalid", message)
+    assert "missing event_message" in message
+    assert "1 column(s) and no column named timestamp or event_message" in message
+    assert_masked(message, export_case)
+
+
+def export_without_requests(export_case) -> str:
+    rows = [row for row in export_case.rows
+            if row.expected in (log_analysis.FK_VIOLATION, log_analysis.OTHER_MESSAGE)]
+    return to_json_lines(rows)
+
+
+def test_export_without_requests_warns(conn, export_case):
+    apply_option(conn, 1)
+    analysis = log_analysis.analyse_export(export_without_requests(export_case))
+    fk_lines = analysis.counts[log_analysis.FK_VIOLATION]
+    warnings = recovery.export_warnings(analysis)
+    outcome = recovery.recover(conn, analysis, COLLECTOR_ID, False, conn.info.dbname)
+    record = recovery.result_record("logs.json", analysis, outcome, {})
+    assert fk_lines > 0
+    assert len(warnings) == 1
+    assert 'no "Received request" line' in warnings[0]
+    assert f"Its {fk_lines} 23503 line(s) have no request" in warnings[0]
+    assert record["warnings"] == warnings
+    assert "no Received request line" in recovery.describe_conclusion(analysis, outcome)
+
+
+def test_export_with_requests_has_no_warning(analysis):
+    assert recovery.export_warnings(analysis) == []
+
+
+def test_describe_export_names_file(tmp_path, export_case):
+    path = tmp_path / "logs.csv"
+    path.write_text(to_csv(export_case.rows, json_metadata=False), encoding="utf-8")
+    analysis = log_analysis.read_export(path)
+    text = recovery.describe_export(str(path), analysis)
+    assert text.startswith(f"Read **{analysis.records}** record(s) from `{path}` (csv)")
+
+
+def test_describe_export_names_demo_export(conn):
+    source, analysis = recovery.load_export("", conn, is_demo=True)
+    text = recovery.describe_export(source, analysis)
+    assert "record(s) from the synthetic demo export (" in text

@@ -7,9 +7,11 @@ which saves constraints_before.json, and then restores from that file.
 from __future__ import annotations
 
 import json
+import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from fkrunbook import locks, migration, parameters, rollback, saved_state
 from fkrunbook.errors import (GateError, LockRetriesExhausted, ParameterError,
@@ -164,7 +166,8 @@ def test_preflight_rejects_row_after_fix(conn, option_one):
     with pytest.raises(PreflightError) as raised:
         restore(conn, option_one)
 
-    assert "public.collection_attempts: 1 row(s)" in str(raised.value)
+    assert "public.collection_attempts: 1 row(s) have a value in invoice_id" in str(raised.value)
+    assert "a invoice_id" not in str(raised.value)
     assert "Keep the fix in place" in str(raised.value)
     assert constraint_snapshot(conn) == before
 
@@ -312,3 +315,155 @@ def test_restore_keeps_unvalidated_fk_unvalidated(conn, option_one):
 
     assert kinds.count("validate") == 1
     assert current_states(conn, saved)[0]["foreign_keys"][0]["validated"] is False
+
+
+# --- the server the file was saved from ------------------------------------
+
+def system_identifier(conn: psycopg.Connection) -> str:
+    return conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+
+
+def add_server(folder, host, port, identifier) -> None:
+    """Replace the server fields that migrate's save_state wrote."""
+    server = {"host": host, "port": port, "system_identifier": identifier}
+    rewrite_state_file(folder, lambda data: data.update(server=server))
+
+
+def test_save_state_records_server(conn, option_one):
+    data = json.loads((option_one / "constraints_before.json").read_text())
+    assert data["server"]["system_identifier"] == system_identifier(conn)
+    assert data["server"]["port"] == conn.info.port
+
+
+def test_file_without_server_warns(conn, option_one):
+    # Files written before save_state recorded the server have no such field.
+    rewrite_state_file(option_one, lambda data: data.pop("server"))
+    saved = saved_state.load_saved_state(conn, option_one)
+
+    assert len(saved.warnings) == 1
+    assert "only the database name" in saved.warnings[0]
+    assert saved.server is None
+
+
+def test_same_server_passes(conn, option_one):
+    add_server(option_one, conn.info.host, conn.info.port, system_identifier(conn))
+    saved = saved_state.load_saved_state(conn, option_one)
+
+    assert saved.warnings == []
+    assert saved.server["system_identifier"] == system_identifier(conn)
+
+
+def test_identifier_decides_over_host(conn, option_one):
+    # The same cluster reached under another host name is the same server.
+    add_server(option_one, "db-alias.internal", 6432, system_identifier(conn))
+
+    assert saved_state.load_saved_state(conn, option_one).warnings == []
+
+
+def test_other_system_identifier_is_rejected(conn, option_one):
+    add_server(option_one, conn.info.host, conn.info.port, "7000000000000000001")
+    before = constraint_snapshot(conn)
+
+    with pytest.raises(TargetError) as raised:
+        restore(conn, option_one)
+
+    assert "system_identifier 7000000000000000001" in str(raised.value)
+    assert f"system_identifier {system_identifier(conn)}" in str(raised.value)
+    assert "nothing was changed" in str(raised.value)
+    assert constraint_snapshot(conn) == before
+
+
+@pytest.mark.parametrize("field, value", [("host", "db-other.internal"), ("port", 6543)])
+def test_other_host_or_port_is_rejected(conn, option_one, field, value):
+    server = {"host": conn.info.host, "port": conn.info.port}
+    server[field] = value
+    add_server(option_one, server["host"], server["port"], None)
+    before = constraint_snapshot(conn)
+
+    with pytest.raises(TargetError) as raised:
+        restore(conn, option_one)
+
+    assert f"{field} {value}" in str(raised.value)
+    assert f"host {conn.info.host}, port {conn.info.port}" in str(raised.value)
+    assert "Check the target" in str(raised.value)
+    assert constraint_snapshot(conn) == before
+
+
+@pytest.mark.parametrize("server", ["db.internal", {"host": ["a"]}, {"port": True}])
+def test_invalid_server_field_is_rejected(conn, option_one, server):
+    rewrite_state_file(option_one, lambda data: data.update(server=server))
+
+    with pytest.raises(ParameterError, match="server"):
+        saved_state.load_saved_state(conn, option_one)
+
+
+@pytest.fixture
+def role_without_control_functions(conn, incident_db):
+    """Conninfo of a new login role that may not run pg_control_system()."""
+    role = f"no_control_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    yield psycopg.conninfo.make_conninfo(incident_db, user=role)
+    conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+    conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_unreadable_identifier_uses_host_and_port(conn, option_one,
+                                                  role_without_control_functions):
+    add_server(option_one, conn.info.host, conn.info.port, "7000000000000000001")
+    with psycopg.connect(role_without_control_functions, autocommit=True) as limited:
+        saved = saved_state.load_saved_state(limited, option_one)
+
+    assert len(saved.warnings) == 1
+    assert "checked by host and port only" in saved.warnings[0]
+
+
+def test_unreadable_identifier_other_host_is_rejected(conn, option_one,
+                                                      role_without_control_functions):
+    add_server(option_one, "db-other.internal", conn.info.port, "7000000000000000001")
+    with psycopg.connect(role_without_control_functions, autocommit=True) as limited:
+        with pytest.raises(TargetError, match="host db-other.internal"):
+            saved_state.load_saved_state(limited, option_one)
+
+
+# --- a state saved after an earlier run had begun the fix -------------------
+
+def test_incident_state_has_no_warning(conn, option_one):
+    plan = rollback.plan_restore(conn, saved_state.load_saved_state(conn, option_one))
+
+    assert plan.saved_state_warning is None
+
+
+def test_half_applied_saved_state_warns(conn, incident_db, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    options = migration.MigrationOptions(option=1, locks=FAST_RETRIES)
+    # The first run changes collection_attempts, then times out on the lock
+    # of payment_promises that another session holds.
+    with psycopg.connect(incident_db) as blocker:
+        blocker.execute("LOCK TABLE payment_promises IN ACCESS SHARE MODE")
+        with pytest.raises(LockRetriesExhausted):
+            migration.apply_plan(conn, migration.plan_migration(conn, options),
+                                 options, output_dir=first)
+        blocker.rollback()
+    # The re-run, into a new folder, saves that half-applied state.
+    migration.apply_plan(conn, migration.plan_migration(conn, options), options,
+                         output_dir=second)
+    rerun = rollback.plan_restore(conn, saved_state.load_saved_state(conn, second))
+    original = rollback.plan_restore(conn, saved_state.load_saved_state(conn, first))
+    warning = rerun.saved_state_warning or ""
+
+    assert "not the incident state" in warning
+    assert ("public.collection_attempts.invoice_id: collection_attempts_invoice_id_fkey "
+            "references public.operator_contracts and is NOT VALID") in warning
+    assert "payment_promises" not in warning
+    assert "earlier run's output folder" in warning
+    assert original.saved_state_warning is None
+    assert rollback.run_restore(conn, rerun, locks.LockSettings(), "apply") != []
+
+
+def test_unvalidated_saved_fk_warns(conn, option_one):
+    rewrite_state_file(option_one, lambda data: data["columns"][1]["foreign_keys"][0]
+                       .update(validated=False))
+    plan = rollback.plan_restore(conn, saved_state.load_saved_state(conn, option_one))
+
+    assert "payment_promises_invoice_id_fkey is NOT VALID" in plan.saved_state_warning
