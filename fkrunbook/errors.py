@@ -1,6 +1,6 @@
 """Exceptions raised by the runbook.
 
-Each message says what failed, on which value, and what to do next. Errors
+Each message names what failed, the value, and what to do next. Errors
 from the server are not wrapped: they reach the caller as psycopg raised
 them, with their SQLSTATE class and diagnostics.
 """

@@ -1,4 +1,4 @@
-"""Check the fix the way the app sees it: insert, history, realtime."""
+"""Check the fix through the app's own queries: insert, history, realtime."""
 
 from __future__ import annotations
 
