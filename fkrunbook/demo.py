@@ -77,6 +77,13 @@ def create_database(server, dbname: str, template: str | None = None) -> str:
     return database_conninfo(server, dbname)
 
 
+def drop_database(server, dbname: str) -> None:
+    """Drop ``dbname`` on ``server``, ending the sessions still connected to it."""
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(dbname)))
+
+
 def existing_fixture_tables(conn: psycopg.Connection) -> list[str]:
     """Return the fixture's table names that already exist in ``public``."""
     rows = conn.execute(

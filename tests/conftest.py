@@ -6,7 +6,6 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from fkrunbook import demo
 
@@ -38,9 +37,7 @@ def incident_db(pg_server, template_db):
     name = f"t_{uuid.uuid4().hex[:12]}"
     conninfo = demo.create_database(pg_server, name, template=template_db)
     yield conninfo
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+    demo.drop_database(pg_server, name)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import uuid
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from fkrunbook import connection, demo
 
@@ -26,8 +25,7 @@ def empty_db(pg_server):
     name = f"e_{uuid.uuid4().hex[:12]}"
     conninfo = demo.create_database(pg_server, name)
     yield name, conninfo
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    demo.drop_database(pg_server, name)
 
 
 def test_unknown_option_exits_with_usage():

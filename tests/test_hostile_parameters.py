@@ -228,9 +228,7 @@ def shared_db(pg_server, template_db):
     name = f"h_{uuid.uuid4().hex[:12]}"
     conninfo = demo.create_database(pg_server, name, template=template_db)
     yield conninfo
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+    demo.drop_database(pg_server, name)
 
 
 @pytest.fixture

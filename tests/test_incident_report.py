@@ -16,7 +16,6 @@ import uuid
 import papermill
 import psycopg
 import pytest
-from psycopg import sql
 
 from fkrunbook import (chain, connection, demo, demo_logs, incident_report, log_analysis,
                        masking, recovery, report)
@@ -55,8 +54,7 @@ def report_run(pg_server, template_db, tmp_path_factory):
     report.write_summary(folder, report.build_summary(folder, 1, records))
     incident_report.write_incident_report(folder)
     yield folder, conninfo
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(dbname)))
+    demo.drop_database(pg_server, dbname)
 
 
 @pytest.fixture
