@@ -51,7 +51,7 @@ class ChainFailed(Exception):
 
 
 class ChainInterrupted(ChainFailed):
-    """The user interrupted the chain; the folder holds what had run."""
+    """The user interrupted the chain; the folder contains what had run."""
 
 
 def execute(name: str, path: Path, params: dict, log_output: bool) -> None:
@@ -104,8 +104,8 @@ def run_chain(option: int = 1, remap: bool = False, use_demo: bool = False,
     fixture and applies the option for real. Otherwise the target comes
     from the environment, and the chain raises ``TargetError`` when none is
     set. Against a target it applies only when ``confirm`` names the
-    database, which is checked before any notebook runs; without it migrate
-    is a dry run and verify is skipped. With ``recover`` the recover
+    database, and that is checked before any notebook runs. Without it,
+    migrate is a dry run and verify is skipped. With ``recover`` the recover
     notebook runs last. The folder always gets ``report.md`` and
     ``report.html``; customer names in them are initials unless
     ``show_names``.

@@ -68,7 +68,7 @@ _DEFAULT_HINT = ("Check the host, port, database and user, and that the "
 
 @dataclass
 class Target:
-    """Where the runbook connects; ``conninfo`` may contain a password."""
+    """The database the runbook connects to; ``conninfo`` may contain a password."""
 
     conninfo: str = field(repr=False)
     is_demo: bool

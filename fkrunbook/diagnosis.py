@@ -252,7 +252,7 @@ def read_only_check(conn: psycopg.Connection, key: str, reason: str) -> dict:
 
 
 def judge_reproduction(failing: list[FailingKey], results: list[dict]) -> dict:
-    """Return whether the re-run insert failed as the log says, key by key.
+    """Return whether the re-run insert failed as the log reports, key by key.
 
     ``reproduced`` needs a 23503 on the log's own constraint for every key,
     so a 23503 on another FK (a wrong customer_id, say) does not count.

@@ -282,9 +282,9 @@ def plan_migration(conn: psycopg.Connection, options: MigrationOptions,
 def check_fk_targets(state: ColumnState, invoices: Table, contracts: Table) -> None:
     """Raise ``ParameterError`` if the column has an FK to any other table.
 
-    The fix changes only FKs to invoices or operator_contracts; a column
+    The fix changes only FKs to invoices or operator_contracts. A column
     with an FK elsewhere (customer_id, say) was named by mistake, and
-    dropping its FK would lose a constraint that is right.
+    dropping its FK would lose a correct constraint.
     """
     for fk in state.foreign_keys:
         if not any(_same_table(fk.referenced_table, t.qualified)

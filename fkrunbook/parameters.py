@@ -103,9 +103,9 @@ def check_gate(conn: psycopg.Connection, dry_run: bool, confirm) -> str:
         return "dry run"
     database = conn.execute("SELECT current_database()").fetchone()[0]
     if confirm != database:
-        shown = "nothing" if confirm in (None, "") else repr(confirm)
+        given = "nothing" if confirm in (None, "") else repr(confirm)
         raise GateError(
-            f"A change needs confirmation, but confirm is {shown}, not the "
+            f"A change needs confirmation, but confirm is {given}, not the "
             f"target database {database!r}, so nothing was changed. Check "
             f"that the target is the database you mean to change, then set "
             f"confirm={database!r} (--confirm {database} on the command line)."

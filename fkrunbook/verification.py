@@ -83,11 +83,11 @@ def describe_result(result: dict) -> str:
         return (f"**The insert is still rejected** ({result['sqlstate']} on "
                 f"{result['constraint']}): the fix is not in place on this "
                 f"database. Run the migrate notebook, then verify again.")
-    kept = "kept" if result["kept"] else "rolled back"
+    row_outcome = "kept" if result["kept"] else "rolled back"
     top = ("is on top of the client's history" if result["on_top"] else
            "is NOT on top of the client's history")
     return (f"**The insert succeeds** for key {result['key']} and the new "
-            f"attempt {top}; the test row was {kept}.")
+            f"attempt {top}; the test row was {row_outcome}.")
 
 
 def require_success(result: dict) -> None:

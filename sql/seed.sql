@@ -6,7 +6,7 @@
 -- recorded against them passed the wrong FK, which is why the bug showed
 -- only for some sends. Contract 43 carries the key from the incident log
 -- (2f44c1c9-9c8b-4c76-b56c-527f5242cafd) and has no such invoice; its
--- customer also holds contract 3, so their history is not empty.
+-- customer also has contract 3, so their history is not empty.
 
 INSERT INTO customers (id, name, phone, document, created_at)
 SELECT md5('customer:' || i)::uuid,
